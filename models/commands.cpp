@@ -1,0 +1,420 @@
+// The remat subcommands train, prepare and sample.
+#include <sys/stat.h>
+
+#include <atomic>
+#include <chrono>
+#include <cmath>
+#include <csignal>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <unistd.h>
+
+#include "kernels/classifier.h"
+#include "kernels/common.h"
+#include "models/cli.h"
+#include "models/llmc_model.h"
+#include "models/params.h"
+#include "models/prepare.h"
+#include "models/rng.h"
+#include "models/tokenizer.h"
+#include "models/trainer.h"
+#include "runtime/plan.h"
+
+namespace remat {
+namespace {
+
+constexpr const char* kDefaultDataDir = "data/fortunes";
+
+bool file_exists(const std::string& p) {
+  struct stat st;
+  return ::stat(p.c_str(), &st) == 0;
+}
+
+std::string dir_of(const std::string& path) {
+  size_t slash = path.rfind('/');
+  return slash == std::string::npos ? "." : path.substr(0, slash);
+}
+
+// Signals: the first SIGINT/SIGTERM asks the loop to stop after the current step (and save);
+// the second exits at once.
+std::atomic<int> g_signals{0};
+void on_signal(int) {
+  if (g_signals.fetch_add(1) >= 1) _exit(130);
+}
+
+// Prepares the default corpus on first use.
+PrepareResult default_corpus() {
+  PrepareResult r;
+  r.train_pattern = std::string(kDefaultDataDir) + "/train_*.bin";
+  r.val_pattern = std::string(kDefaultDataDir) + "/val_*.bin";
+  r.tokenizer_path = std::string(kDefaultDataDir) + "/tokenizer.bin";
+  if (file_exists(r.tokenizer_path) && file_exists(std::string(kDefaultDataDir) + "/train_000.bin"))
+    return r;
+  REMAT_CHECK(file_exists(kDefaultCorpusDir),
+              std::string("no --data given and the default corpus ") + kDefaultCorpusDir +
+                  " is missing: install Debian's 'fortunes' package or pass --data");
+  std::printf("preparing the default corpus %s into %s (first use)\n", kDefaultCorpusDir,
+              kDefaultDataDir);
+  return prepare_corpus({kDefaultCorpusDir}, kDefaultDataDir, 1024, 0.05);
+}
+
+std::string json_num(double x) {
+  if (!std::isfinite(x)) return "null";
+  char b[64];
+  std::snprintf(b, sizeof b, "%.9g", x);
+  return b;
+}
+
+}  // namespace
+
+std::vector<int> sample_tokens(const GPT2Config& c, const float* params,
+                               const std::vector<int>& prompt, int n, float temperature,
+                               uint64_t seed, uint64_t stream) {
+  REMAT_CHECK(!prompt.empty(), "sampling needs at least one prompt token");
+  const int T = std::min<int>(c.max_seq_len, static_cast<int>(prompt.size()) + n);
+  GPT2Runner runner(c, 1, T, parse_plan("none", c.num_layers), ActDType::kFP32, {}, false);
+  std::vector<int> seq = prompt, window(T), out;
+  std::vector<float> logits(c.padded_vocab);
+  Philox rng(seed, stream);
+  for (int i = 0; i < n; i++) {
+    const int len = std::min<int>(T, static_cast<int>(seq.size()));
+    std::fill(window.begin(), window.end(), 0);
+    std::copy(seq.end() - len, seq.end(), window.begin());
+    runner.forward_logits(params, window.data(), len - 1, logits.data());
+    int next = 0;
+    if (temperature <= 0) {
+      for (int v = 1; v < c.vocab_size; v++)
+        if (logits[v] > logits[next]) next = v;
+    } else {
+      float mx = -INFINITY;
+      for (int v = 0; v < c.vocab_size; v++) mx = std::max(mx, logits[v]);
+      double sum = 0;
+      for (int v = 0; v < c.vocab_size; v++) sum += std::exp((logits[v] - mx) / temperature);
+      double u = rng.uniform() * sum, acc = 0;
+      next = c.vocab_size - 1;
+      for (int v = 0; v < c.vocab_size; v++) {
+        acc += std::exp((logits[v] - mx) / temperature);
+        if (acc > u) {
+          next = v;
+          break;
+        }
+      }
+    }
+    seq.push_back(next);
+    out.push_back(next);
+  }
+  return out;
+}
+
+int cmd_train(int argc, const char* const* argv) {
+  Options o("train", "Train a GPT-2 model. With no --data it trains on Debian's fortunes corpus,\n"
+                     "prepared on first use into " + std::string(kDefaultDataDir) + ".");
+  o.add("model", "mini", "a preset (" + [] {
+          std::string s;
+          for (auto& n : preset_names()) s += (s.empty() ? "" : ", ") + n;
+          return s;
+        }() + ") or an llm.c checkpoint file (.bin)")
+      .add("data", "", "glob of training shards (llm.c format)")
+      .add("val-data", "", "glob of validation shards")
+      .add("tokenizer", "", "tokenizer file for samples (default: tokenizer.bin beside the data)")
+      .add("vocab", "0", "vocabulary of a small preset (default: the tokenizer's)")
+      .add("batch", "8", "micro-batch size B")
+      .add("seq", "64", "sequence length T")
+      .add("total-batch", "0", "tokens per optimizer step (multiple of B*T); 0 = B*T")
+      .add("steps", "500", "optimizer steps")
+      .add("lr", "3e-4", "peak learning rate")
+      .add("warmup", "0", "linear warmup steps")
+      .add("schedule", "constant", "constant or cosine")
+      .add("lr-final-frac", "0.1", "cosine: final learning rate as a fraction of --lr")
+      .add("weight-decay", "0", "AdamW decoupled weight decay (matrices only)")
+      .add("beta1", "0.9", "AdamW beta1")
+      .add("beta2", "0.95", "AdamW beta2")
+      .add("eps", "1e-8", "AdamW epsilon")
+      .add("grad-clip", "1.0", "max global gradient norm; 0 = off")
+      .add("seed", "1337", "random seed (initialisation, shuffling, sampling)")
+      .flag("shuffle", "permute batches and shards each epoch (default: file order)")
+      .add("eval-every", "100", "validation interval in steps; 0 = only at start and end")
+      .add("eval-batches", "8", "validation batches")
+      .add("sample-every", "0", "sample interval in steps; 0 = only at the end")
+      .add("sample-tokens", "48", "tokens per sample")
+      .add("out", "out", "checkpoint directory (state.bin and llm.c model.bin)")
+      .add("ckpt-every", "0", "checkpoint interval in steps; 0 = only at the end")
+      .add("resume", "", "training state file to continue from (bit for bit)")
+      .add("device", "auto", "auto, cpu or cuda")
+      .add("log", "", "append one JSON object per step to this file")
+      .add("recompute", "none",
+           "checkpoint policy: none, selective, attention, full, every:K, budget:BYTES, "
+           "kind lists like ln1+gelu, per-block overrides ',A-B=POLICY'")
+      .add("lookahead", "1", "blocks the recompute stream works ahead")
+      .flag("verify-recompute", "keep originals and compare every recomputed tensor bit for bit")
+      .add("max-bad-steps", "5", "stop after this many consecutive non-finite steps");
+  if (!o.parse(argc, argv, 0)) {
+    std::printf("%s", o.help().c_str());
+    return 0;
+  }
+  REMAT_CHECK(o.positional().empty(), "remat train: unexpected argument '" + o.positional()[0] + "'");
+
+  // Device.
+  const std::string device = o.get("device");
+  REMAT_CHECK(device == "auto" || device == "cpu" || device == "cuda",
+              "--device must be auto, cpu or cuda, got '" + device + "'");
+  REMAT_CHECK(device != "cuda",
+              "--device cuda: CUDA training is not available yet in remat; use --device cpu");
+  if (device == "auto") std::printf("device: CPU backend (CUDA training is not available yet)\n");
+
+  // Data.
+  std::string train_pat = o.get("data"), val_pat = o.get("val-data"), tok_path = o.get("tokenizer");
+  if (train_pat.empty()) {
+    PrepareResult pr = default_corpus();
+    train_pat = pr.train_pattern;
+    if (val_pat.empty()) val_pat = pr.val_pattern;
+    if (tok_path.empty()) tok_path = pr.tokenizer_path;
+  }
+  const std::vector<std::string> train_files = expand_glob(train_pat);
+  if (tok_path.empty() && file_exists(dir_of(train_files[0]) + "/tokenizer.bin"))
+    tok_path = dir_of(train_files[0]) + "/tokenizer.bin";
+  std::unique_ptr<Tokenizer> tok;
+  if (!tok_path.empty()) tok = std::make_unique<Tokenizer>(Tokenizer::load(tok_path));
+
+  // Model.
+  const std::string model = o.get("model");
+  GPT2Config c;
+  std::vector<float> params;
+  const uint64_t seed = static_cast<uint64_t>(o.get_int("seed"));
+  if (model.size() > 4 && model.substr(model.size() - 4) == ".bin") {
+    ModelFile mf = read_llmc_model(model);
+    c = mf.config;
+    params = std::move(mf.params);
+  } else {
+    int vocab = static_cast<int>(o.get_int("vocab"));
+    if (vocab <= 0 && is_small_preset(model)) {
+      REMAT_CHECK(tok != nullptr, "preset '" + model + "' takes its vocabulary from the "
+                                  "tokenizer: pass --tokenizer or --vocab");
+      vocab = tok->vocab_size();
+    }
+    c = preset_config(model, vocab);
+    params.resize(num_params(c));
+    init_params(params.data(), c, seed);
+  }
+  const int B = static_cast<int>(o.get_int("batch")), T = static_cast<int>(o.get_int("seq"));
+  REMAT_CHECK(B > 0 && T > 0, "--batch and --seq must be positive");
+  REMAT_CHECK(T <= c.max_seq_len, "--seq " + std::to_string(T) + " is longer than the model's "
+                                  "maximum sequence length " + std::to_string(c.max_seq_len));
+  long long total = o.get_int("total-batch");
+  if (total <= 0) total = (long long)B * T;
+  REMAT_CHECK(total % ((long long)B * T) == 0, "--total-batch " + std::to_string(total) +
+                                                   " is not a multiple of B*T = " +
+                                                   std::to_string((long long)B * T));
+  const int accum = static_cast<int>(total / ((long long)B * T));
+
+  Hyper h;
+  h.lr = static_cast<float>(o.get_double("lr"));
+  h.warmup = static_cast<int>(o.get_int("warmup"));
+  const std::string sched = o.get("schedule");
+  REMAT_CHECK(sched == "constant" || sched == "cosine",
+              "--schedule must be constant or cosine, got '" + sched + "'");
+  h.cosine = sched == "cosine";
+  h.final_frac = static_cast<float>(o.get_double("lr-final-frac"));
+  h.weight_decay = static_cast<float>(o.get_double("weight-decay"));
+  h.beta1 = static_cast<float>(o.get_double("beta1"));
+  h.beta2 = static_cast<float>(o.get_double("beta2"));
+  h.eps = static_cast<float>(o.get_double("eps"));
+  h.grad_clip = static_cast<float>(o.get_double("grad-clip"));
+  const int steps = static_cast<int>(o.get_int("steps"));
+  REMAT_CHECK(steps >= 0, "--steps must be >= 0");
+  h.total_steps = steps;
+
+  ScheduleOptions so;
+  so.lookahead = static_cast<int>(o.get_int("lookahead"));
+  so.verify_recompute = o.get_bool("verify-recompute");
+  Plan plan = make_plan(o.get("recompute"), c, B, T, ActDType::kFP32, so, CostModel{});
+
+  DataLoader train(train_pat, B, T, c.vocab_size, o.get_bool("shuffle"), seed);
+  std::unique_ptr<DataLoader> val;
+  if (!val_pat.empty()) val = std::make_unique<DataLoader>(val_pat, B, T, c.vocab_size, false, seed);
+
+  Trainer tr(c, B, T, accum, h, plan, so, std::move(params));
+  if (const char* e = std::getenv("REMAT_TEST_NAN_STEPS")) {  // test-only: "A" or "A-B"
+    long long a = 0, b = 0;
+    int n = std::sscanf(e, "%lld-%lld", &a, &b);
+    tr.inject_nan_steps(a, n == 2 ? b : a);
+  }
+  const std::string resume = o.get("resume");
+  if (!resume.empty()) {
+    TrainState st = load_train_state(resume);
+    tr.restore(st);
+    train.restore(st.loader);
+    std::printf("resumed from %s at step %lld\n", resume.c_str(), (long long)st.step);
+  }
+
+  const std::string out = o.get("out");
+  auto save = [&]() {
+    if (out.empty()) return;
+    ::mkdir(out.c_str(), 0755);
+    save_train_state(out + "/state.bin", tr.state(train));
+    write_llmc_model(out + "/model.bin", c, tr.params().data(), 3);
+    std::printf("checkpoint: %s/state.bin, %s/model.bin (step %lld)\n", out.c_str(), out.c_str(),
+                (long long)tr.steps_done());
+  };
+  FILE* log = nullptr;
+  if (!o.get("log").empty()) {
+    log = std::fopen(o.get("log").c_str(), "a");
+    REMAT_CHECK(log, o.get("log") + ": cannot open the log file: " + std::strerror(errno));
+  }
+  std::signal(SIGINT, on_signal);
+  std::signal(SIGTERM, on_signal);
+
+  const uint64_t P = num_params(c);
+  std::printf("model: L=%d C=%d NH=%d V=%d (padded %d) maxT=%d, %.2fM parameters\n",
+              c.num_layers, c.channels, c.num_heads, c.vocab_size, c.padded_vocab,
+              c.max_seq_len, P / 1e6);
+  std::printf("batch: B=%d T=%d x %d micro-steps = %lld tokens/step, %d steps, recompute %s (%d of %d "
+              "block activations rebuilt)\n",
+              B, T, accum, total, steps, plan.spec.c_str(), plan.num_recomputed(),
+              c.num_layers * kNumActKinds);
+  const int eval_every = static_cast<int>(o.get_int("eval-every"));
+  const int eval_batches = static_cast<int>(o.get_int("eval-batches"));
+  const int sample_every = static_cast<int>(o.get_int("sample-every"));
+  const int sample_n = static_cast<int>(o.get_int("sample-tokens"));
+  const int max_bad = static_cast<int>(o.get_int("max-bad-steps"));
+  auto do_eval = [&](int64_t step) {
+    if (!val) return;
+    float vl = tr.evaluate(*val, eval_batches);
+    std::printf("step %lld/%d | val loss %.4f\n", (long long)step, steps, vl);
+    if (log) std::fprintf(log, "{\"step\":%lld,\"val_loss\":%s}\n", (long long)step, json_num(vl).c_str());
+  };
+  auto do_sample = [&](int64_t step) {
+    if (sample_n <= 0) return;
+    int start = tok && tok->eot_token() >= 0 && tok->eot_token() < c.vocab_size ? tok->eot_token() : 0;
+    std::vector<int> gen = sample_tokens(c, tr.params().data(), {start}, sample_n, 1.0f, seed, 1000 + step);
+    std::string text;
+    if (tok) {
+      for (int t : gen) text += t == tok->eot_token() ? std::string("\n---\n") : tok->decode(t);
+    } else {
+      for (int t : gen) text += std::to_string(t) + " ";
+    }
+    std::printf("sample (step %lld):\n%s\n", (long long)step, text.c_str());
+  };
+
+  if (tr.steps_done() == 0) do_eval(0);
+  int bad = 0;
+  int exit_code = 0;
+  while (tr.steps_done() < steps) {
+    auto t0 = std::chrono::steady_clock::now();
+    StepResult r = tr.step(train);
+    double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+    const int64_t s = tr.steps_done();
+    const uint64_t peak = tr.runner().stats().peak_bytes + 16 * P;
+    std::printf("step %lld/%d | loss %.4f | norm %.4f | lr %.2e | %.1f ms | %.0f tok/s | peak %s%s\n",
+                (long long)s, steps, r.loss, r.grad_norm, r.lr, ms, total / (ms / 1000.0),
+                format_bytes(peak).c_str(), r.skipped ? " | SKIPPED" : "");
+    if (log) {
+      std::fprintf(log,
+                   "{\"step\":%lld,\"loss\":%s,\"grad_norm\":%s,\"lr\":%s,\"ms\":%.3f,\"tokens_per_s\":%.1f,"
+                   "\"peak_bytes\":%llu,\"activation_peak_bytes\":%llu,\"skipped\":%s}\n",
+                   (long long)s, json_num(r.loss).c_str(), json_num(r.grad_norm).c_str(),
+                   json_num(r.lr).c_str(), ms, total / (ms / 1000.0), (unsigned long long)peak,
+                   (unsigned long long)tr.runner().stats().peak_by_usage[0], r.skipped ? "true" : "false");
+      std::fflush(log);
+    }
+    std::fflush(stdout);
+    if (r.skipped) {
+      bad++;
+      std::fprintf(stderr, "step %lld: non-finite loss (%g) or gradient norm (%g): update skipped\n",
+                   (long long)s, r.loss, r.grad_norm);
+      if (bad >= max_bad) {
+        std::fprintf(stderr,
+                     "stopping: %d consecutive non-finite steps (up to step %lld); the last "
+                     "checkpoint in %s was not touched\n",
+                     bad, (long long)s, out.empty() ? "(none)" : out.c_str());
+        exit_code = 3;
+        break;
+      }
+    } else {
+      bad = 0;
+    }
+    if (g_signals.load() > 0) {
+      std::printf("signal received: stopping after step %lld\n", (long long)s);
+      save();
+      if (log) std::fclose(log);
+      return 0;
+    }
+    if (eval_every > 0 && s % eval_every == 0 && s != steps) do_eval(s);
+    if (sample_every > 0 && s % sample_every == 0 && s != steps) do_sample(s);
+    const int ckpt_every = static_cast<int>(o.get_int("ckpt-every"));
+    if (ckpt_every > 0 && s % ckpt_every == 0 && s != steps) save();
+  }
+  if (exit_code == 0) {
+    do_eval(tr.steps_done());
+    do_sample(tr.steps_done());
+    save();
+  }
+  if (log) std::fclose(log);
+  return exit_code;
+}
+
+int cmd_prepare(int argc, const char* const* argv) {
+  Options o("prepare",
+            "Turn text files (or directories of them) into llm.c token shards and a tokenizer.\n"
+            "usage: remat prepare [options] [INPUT...]   (default input: " +
+                std::string(kDefaultCorpusDir) + ")");
+  o.add("out", kDefaultDataDir, "output directory").add("vocab", "1024", "vocabulary size").add(
+      "val-fraction", "0.05", "share of documents kept for validation");
+  if (!o.parse(argc, argv, 0)) {
+    std::printf("%s", o.help().c_str());
+    return 0;
+  }
+  std::vector<std::string> inputs = o.positional();
+  if (inputs.empty()) inputs.push_back(kDefaultCorpusDir);
+  auto t0 = std::chrono::steady_clock::now();
+  PrepareResult r = prepare_corpus(inputs, o.get("out"), static_cast<int>(o.get_int("vocab")),
+                                   o.get_double("val-fraction"));
+  double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  std::printf("prepared %lld documents: %lld train tokens (%s), %lld val tokens (%s), "
+              "tokenizer %s (vocab %d) in %.1f s\n",
+              (long long)r.documents, (long long)r.train_tokens, r.train_pattern.c_str(),
+              (long long)r.val_tokens, r.val_pattern.c_str(), r.tokenizer_path.c_str(),
+              r.vocab_size, s);
+  return 0;
+}
+
+int cmd_sample(int argc, const char* const* argv) {
+  Options o("sample", "Generate text from a model checkpoint.");
+  o.add("model", "out/model.bin", "llm.c checkpoint file (remat writes out/model.bin)")
+      .add("tokenizer", "", "tokenizer file (default: data/fortunes/tokenizer.bin if present)")
+      .add("prompt", "", "text to continue (default: start of a document)")
+      .add("tokens", "64", "tokens to generate")
+      .add("temperature", "1.0", "sampling temperature; 0 = greedy")
+      .add("seed", "1337", "random seed");
+  if (!o.parse(argc, argv, 0)) {
+    std::printf("%s", o.help().c_str());
+    return 0;
+  }
+  ModelFile mf = read_llmc_model(o.get("model"));
+  std::string tp = o.get("tokenizer");
+  if (tp.empty() && file_exists(std::string(kDefaultDataDir) + "/tokenizer.bin"))
+    tp = std::string(kDefaultDataDir) + "/tokenizer.bin";
+  std::unique_ptr<Tokenizer> tok;
+  if (!tp.empty()) tok = std::make_unique<Tokenizer>(Tokenizer::load(tp));
+  std::vector<int> prompt;
+  const std::string text = o.get("prompt");
+  if (!text.empty()) {
+    REMAT_CHECK(tok && tok->can_encode(), "--prompt needs a tokenizer with merges (--tokenizer)");
+    prompt = tok->encode(text);
+  }
+  if (prompt.empty()) prompt.push_back(tok && tok->eot_token() >= 0 ? tok->eot_token() : 0);
+  for (int t : prompt)
+    REMAT_CHECK(t >= 0 && t < mf.config.vocab_size, "prompt token " + std::to_string(t) +
+                                                        " is past the model's vocabulary");
+  std::vector<int> gen = sample_tokens(mf.config, mf.params.data(), prompt,
+                                       static_cast<int>(o.get_int("tokens")),
+                                       static_cast<float>(o.get_double("temperature")),
+                                       static_cast<uint64_t>(o.get_int("seed")), 0);
+  std::string outtext = text;
+  for (int t : gen) outtext += tok ? tok->decode(t) : std::to_string(t) + " ";
+  std::printf("%s\n", outtext.c_str());
+  return 0;
+}
+
+}  // namespace remat

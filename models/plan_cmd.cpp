@@ -1,0 +1,124 @@
+// `remat plan`: the memory plan of a run, predicted by running the real schedule through the
+// dry-run arena. No GPU and no weights needed.
+#include <chrono>
+#include <cstdio>
+
+#include "kernels/common.h"
+#include "models/cli.h"
+#include "models/gpt2.h"
+#include "models/llmc_model.h"
+#include "models/params.h"
+#include "models/trainer.h"
+
+namespace remat {
+
+// The cost model the planner assumes: bf16 sizes are for the CUDA backend on an H100
+// (bf16 dense GEMM ceiling 798 TFLOP/s and about 3.0 TB/s copy bandwidth, measured ceilings
+// in shared/ANCHORS.md); fp32 sizes for the CPU backend on a 2-core host.
+CostModel cost_model_for(ActDType dt) {
+  CostModel m;
+  if (dt == ActDType::kBF16) {
+    m.flops_per_s = 798e12;
+    m.bytes_per_s = 3.0e12;
+  } else {
+    m.flops_per_s = 1e11;
+    m.bytes_per_s = 2e10;
+  }
+  return m;
+}
+
+int cmd_plan(int argc, const char* const* argv) {
+  Options o("plan",
+            "Print the memory plan of a training run without running it: parameters, gradients,\n"
+            "optimizer state, activation peak (from the real schedule run through the dry-run\n"
+            "arena), workspace, total, and the recompute overhead.");
+  o.add("model", "gpt2", "a preset or an llm.c checkpoint file")
+      .add("vocab", "0", "vocabulary of a small preset (default 50257)")
+      .add("batch", "16", "micro-batch size B")
+      .add("seq", "1024", "sequence length T")
+      .add("recompute", "none", "checkpoint policy (see remat train --help)")
+      .add("dtype", "bf16", "activation type: bf16 (CUDA) or fp32")
+      .add("lookahead", "1", "blocks the recompute stream works ahead")
+      .flag("json", "print one JSON object");
+  if (!o.parse(argc, argv, 0)) {
+    std::printf("%s", o.help().c_str());
+    return 0;
+  }
+  auto t0 = std::chrono::steady_clock::now();
+  const std::string model = o.get("model");
+  GPT2Config c;
+  if (model.size() > 4 && model.substr(model.size() - 4) == ".bin") {
+    c = read_llmc_model(model).config;
+  } else {
+    c = preset_config(model, static_cast<int>(o.get_int("vocab")));
+  }
+  const int B = static_cast<int>(o.get_int("batch")), T = static_cast<int>(o.get_int("seq"));
+  REMAT_CHECK(B > 0 && T > 0, "--batch and --seq must be positive");
+  REMAT_CHECK(T <= c.max_seq_len, "--seq " + std::to_string(T) + " is longer than the model's "
+                                  "maximum " + std::to_string(c.max_seq_len));
+  const std::string dts = o.get("dtype");
+  REMAT_CHECK(dts == "bf16" || dts == "fp32", "--dtype must be bf16 or fp32, got '" + dts + "'");
+  const ActDType dt = dts == "bf16" ? ActDType::kBF16 : ActDType::kFP32;
+  ScheduleOptions so;
+  so.lookahead = static_cast<int>(o.get_int("lookahead"));
+  const CostModel cm = cost_model_for(dt);
+  Plan plan = make_plan(o.get("recompute"), c, B, T, dt, so, cm);
+  GPT2Runner dry(c, B, T, plan, dt, so, /*dry=*/true);
+  dry.forward_backward(nullptr, nullptr, nullptr, nullptr, 1.0f);
+  MemoryReport r = memory_report(c, B, T, plan, dt, dry.stats(), cm);
+  const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+
+  std::array<int, kNumActKinds> count{};
+  for (const KindSet& s : plan.recompute)
+    for (int k = 0; k < kNumActKinds; k++) count[k] += s[k];
+
+  if (o.get_bool("json")) {
+    std::printf(
+        "{\"model\":\"%s\",\"batch\":%d,\"seq\":%d,\"dtype\":\"%s\",\"recompute\":\"%s\","
+        "\"lookahead\":%d,\"num_params\":%llu,\"params_bytes\":%llu,\"grads_bytes\":%llu,"
+        "\"optimizer_bytes\":%llu,\"activation_peak_bytes\":%llu,\"workspace_peak_bytes\":%llu,"
+        "\"arena_peak_bytes\":%llu,\"total_bytes\":%llu,\"activation_peak_forward_bytes\":%llu,"
+        "\"activation_peak_backward_bytes\":%llu,\"activation_peak_recompute_bytes\":%llu,"
+        "\"recompute_flops\":%.6g,\"step_flops\":%.6g,\"recompute_flops_fraction\":%.6g,"
+        "\"recompute_seconds_model\":%.6g,\"recomputed\":{",
+        model.c_str(), B, T, dts.c_str(), plan.spec.c_str(), so.lookahead,
+        (unsigned long long)num_params(c), (unsigned long long)r.params_bytes,
+        (unsigned long long)r.grads_bytes, (unsigned long long)r.optimizer_bytes,
+        (unsigned long long)r.activation_peak, (unsigned long long)r.workspace_peak,
+        (unsigned long long)r.arena_peak, (unsigned long long)r.total_bytes,
+        (unsigned long long)r.activation_peak_in_phase[0],
+        (unsigned long long)r.activation_peak_in_phase[1],
+        (unsigned long long)r.activation_peak_in_phase[2], r.recompute_flops,
+        step_flops(c, B, T), r.recompute_flops_fraction, r.recompute_seconds);
+    for (int k = 0; k < kNumActKinds; k++)
+      std::printf("%s\"%s\":%d", k ? "," : "", act_kind_name(static_cast<ActKind>(k)), count[k]);
+    std::printf("},\"plan_seconds\":%.4f}\n", secs);
+    return 0;
+  }
+  std::printf("model %s: L=%d C=%d NH=%d V=%d, %.1fM parameters\n", model.c_str(), c.num_layers,
+              c.channels, c.num_heads, c.vocab_size, num_params(c) / 1e6);
+  std::printf("run: B=%d T=%d, %s activations, lookahead %d, recompute %s\n\n", B, T, dts.c_str(),
+              so.lookahead, plan.spec.c_str());
+  std::printf("  %-6s %14s   %s\n", "kind", "bytes/block", "recomputed in blocks");
+  for (int k = 0; k < kNumActKinds; k++) {
+    std::printf("  %-6s %14s   %d of %d\n", act_kind_name(static_cast<ActKind>(k)),
+                format_bytes(kind_bytes(c, B * T, dt, k)).c_str(), count[k], c.num_layers);
+  }
+  std::printf("\n  %-34s %14s\n", "parameters", format_bytes(r.params_bytes).c_str());
+  std::printf("  %-34s %14s\n", "gradients", format_bytes(r.grads_bytes).c_str());
+  std::printf("  %-34s %14s\n", "optimizer state", format_bytes(r.optimizer_bytes).c_str());
+  std::printf("  %-34s %14s\n", "activation peak", format_bytes(r.activation_peak).c_str());
+  std::printf("  %-34s %14s\n", "  during forward", format_bytes(r.activation_peak_in_phase[0]).c_str());
+  std::printf("  %-34s %14s\n", "  during backward", format_bytes(r.activation_peak_in_phase[1]).c_str());
+  std::printf("  %-34s %14s\n", "  during recompute", format_bytes(r.activation_peak_in_phase[2]).c_str());
+  std::printf("  %-34s %14s\n", "workspace peak (grads of acts, logits)", format_bytes(r.workspace_peak).c_str());
+  std::printf("  %-34s %14s\n", "arena peak (activations + workspace)", format_bytes(r.arena_peak).c_str());
+  std::printf("  %-34s %14s\n", "total", format_bytes(r.total_bytes).c_str());
+  std::printf("\nrecompute: %.3g GFLOP per step = %.2f%% of the step's %.3g GFLOP; modelled %.2f ms\n",
+              r.recompute_flops / 1e9, 100 * r.recompute_flops_fraction, step_flops(c, B, T) / 1e9,
+              1e3 * r.recompute_seconds);
+  std::printf("(planned in %.3f s)\n", secs);
+  return 0;
+}
+
+}  // namespace remat

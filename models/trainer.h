@@ -1,0 +1,87 @@
+// The training loop: gradient accumulation, gradient clipping, AdamW with a warmup + cosine
+// or constant schedule, non-finite step handling, evaluation, sampling and checkpoints.
+#pragma once
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "models/config.h"
+#include "models/gpt2.h"
+#include "models/shards.h"
+#include "models/train_state.h"
+
+namespace remat {
+
+struct Hyper {
+  float lr = 3e-4f;          // peak learning rate
+  int warmup = 0;            // linear warmup steps
+  bool cosine = false;       // cosine decay to lr * final_frac over the run, else constant
+  float final_frac = 0.1f;   // cosine end point as a fraction of lr
+  float weight_decay = 0.0f; // AdamW decoupled decay, matrices only
+  float beta1 = 0.9f, beta2 = 0.95f, eps = 1e-8f;
+  float grad_clip = 1.0f;    // max global gradient norm; 0 = off
+  int total_steps = 1;       // for the schedule
+};
+float learning_rate(const Hyper& h, int64_t step);  // step is 0-based
+
+struct StepResult {
+  float loss = 0;         // mean over the total batch
+  float grad_norm = 0;    // before clipping
+  float lr = 0;
+  bool skipped = false;   // loss or gradient norm not finite: no update was applied
+};
+
+class Trainer {
+ public:
+  // params: initial weights (num_params(c)); m, v start at zero unless restored.
+  Trainer(const GPT2Config& c, int B, int T, int accum, const Hyper& h, Plan plan,
+          ScheduleOptions sched, std::vector<float> params);
+
+  // One optimizer step over `accum` micro-batches from `data`.
+  StepResult step(DataLoader& data);
+  // Mean loss over `batches` batches from `data` (which is reset first).
+  float evaluate(DataLoader& data, int batches);
+
+  const GPT2Config& config() const { return c_; }
+  int64_t steps_done() const { return step_; }
+  std::vector<float>& params() { return params_; }
+  const std::vector<float>& grads() const { return grads_; }
+  GPT2Runner& runner() { return runner_; }
+  Hyper& hyper() { return h_; }
+
+  // Whole state for a checkpoint / restore from one (config must match).
+  TrainState state(const DataLoader& data) const;
+  void restore(const TrainState& s);
+
+  // Test-only: make the loss of steps [first, last] (0-based) NaN, to exercise skip handling.
+  void inject_nan_steps(int64_t first, int64_t last) {
+    nan_first_ = first;
+    nan_last_ = last;
+  }
+
+ private:
+  GPT2Config c_;
+  int B_, T_, accum_;
+  Hyper h_;
+  GPT2Runner runner_;
+  std::vector<float> params_, grads_, m_, v_;
+  std::vector<int> inputs_, targets_;
+  int64_t step_ = 0;
+  int64_t nan_first_ = -1, nan_last_ = -2;
+};
+
+// `remat train`, `remat prepare`, `remat sample`, `remat plan`: argv after the subcommand.
+int cmd_train(int argc, const char* const* argv);
+int cmd_prepare(int argc, const char* const* argv);
+int cmd_sample(int argc, const char* const* argv);
+int cmd_plan(int argc, const char* const* argv);
+
+// Generates `n` tokens after `prompt` (at least one token) by sampling at `temperature`
+// (0 = greedy) with a counter-based generator at (seed, stream). Context: the last
+// max_seq_len tokens.
+std::vector<int> sample_tokens(const GPT2Config& c, const float* params,
+                               const std::vector<int>& prompt, int n, float temperature,
+                               uint64_t seed, uint64_t stream);
+
+}  // namespace remat

@@ -1,0 +1,156 @@
+// The GPT-2 model on the CPU backend: whole-model gradients, initial loss, overfitting,
+// determinism.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstring>
+
+#include "models/gpt2.h"
+#include "models/params.h"
+#include "models/trainer.h"
+#include "tests/tiny_model.h"
+
+namespace remat {
+namespace {
+
+using test::tiny_config;
+
+float loss_of(GPT2Runner& r, const std::vector<float>& p, const std::vector<int>& in,
+              const std::vector<int>& tg) {
+  return r.forward_loss(p.data(), in.data(), tg.data());
+}
+
+TEST(Model, InitialLossNearLogVocab) {
+  GPT2Config c = tiny_config();
+  auto p = test::init(c);
+  const int B = 2, T = 8;
+  auto in = test::random_tokens(B * T, c.vocab_size, 1), tg = test::random_tokens(B * T, c.vocab_size, 2);
+  GPT2Runner r(c, B, T, parse_plan("none", c.num_layers), ActDType::kFP32, {}, false);
+  const float loss = loss_of(r, p, in, tg);
+  // Logits of a freshly initialised model are small, so the softmax is near uniform over V
+  // (never over the padded Vp).
+  EXPECT_NEAR(loss, std::log(float(c.vocab_size)), 0.05);
+}
+
+TEST(Model, ForwardBackwardLossEqualsForwardLoss) {
+  GPT2Config c = tiny_config();
+  auto p = test::init(c);
+  const int B = 3, T = 5;
+  auto in = test::random_tokens(B * T, c.vocab_size, 3), tg = test::random_tokens(B * T, c.vocab_size, 4);
+  GPT2Runner r(c, B, T, parse_plan("none", c.num_layers), ActDType::kFP32, {}, false);
+  std::vector<float> g(p.size(), 0.0f);
+  const float a = r.forward_backward(p.data(), g.data(), in.data(), tg.data(), 1.0f / (B * T));
+  const float b = loss_of(r, p, in, tg);
+  EXPECT_EQ(a, b);
+}
+
+// Whole-model gradient check: for every parameter tensor, its largest-gradient element
+// against a central difference; and the directional derivative along the gradient.
+TEST(Model, GradientMatchesFiniteDifferences) {
+  GPT2Config c = tiny_config();
+  auto p = test::init(c, 11);
+  // Larger weights than GPT-2's init so every path carries signal.
+  for (auto& x : p) x *= 4.0f;
+  const int B = 2, T = 6;
+  auto in = test::random_tokens(B * T, c.vocab_size, 5), tg = test::random_tokens(B * T, c.vocab_size, 6);
+  GPT2Runner r(c, B, T, parse_plan("none", c.num_layers), ActDType::kFP32, {}, false);
+  std::vector<float> g(p.size(), 0.0f);
+  r.forward_backward(p.data(), g.data(), in.data(), tg.data(), 1.0f / (B * T));
+  for (float x : g) ASSERT_TRUE(std::isfinite(x));
+  auto sizes = param_sizes(c);
+  auto offs = param_offsets(c);
+  for (int t = 0; t < kNumParamTensors; t++) {
+    size_t best = offs[t];
+    for (size_t i = offs[t]; i < offs[t] + sizes[t]; i++)
+      if (std::fabs(g[i]) > std::fabs(g[best])) best = i;
+    ASSERT_GT(std::fabs(g[best]), 1e-4f) << param_name(t) << " has no gradient signal";
+    const float eps = 1e-2f * std::max(1.0f, std::fabs(p[best]));
+    const float hi = p[best] + eps, lo = p[best] - eps;
+    auto q = p;
+    q[best] = hi;
+    const double up = loss_of(r, q, in, tg);
+    q[best] = lo;
+    const double down = loss_of(r, q, in, tg);
+    const double fd = (up - down) / (double(hi) - double(lo));
+    EXPECT_NEAR(fd, g[best], 0.03 * std::fabs(g[best]) + 2e-4)
+        << "tensor " << param_name(t) << " element " << best - offs[t];
+  }
+  // Along the normalised gradient the derivative is the gradient norm.
+  double norm = 0;
+  for (float x : g) norm += double(x) * x;
+  norm = std::sqrt(norm);
+  const double h = 1e-3;
+  auto q = p;
+  for (size_t i = 0; i < p.size(); i++) q[i] = p[i] + float(h * g[i] / norm);
+  const double up = loss_of(r, q, in, tg);
+  for (size_t i = 0; i < p.size(); i++) q[i] = p[i] - float(h * g[i] / norm);
+  const double down = loss_of(r, q, in, tg);
+  EXPECT_NEAR((up - down) / (2 * h), norm, 0.02 * norm);
+}
+
+// Trains on one batch repeatedly (a shard holding exactly one batch).
+TEST(Model, OverfitsOneBatch) {
+  test::TempDir dir;
+  GPT2Config c = tiny_config();
+  const int B = 2, T = 8;
+  test::write_random_shard(dir / "one.bin", B * T + 1, c.vocab_size, 9);
+  DataLoader data(dir / "one.bin", B, T, c.vocab_size, false, 1);
+  Hyper h;
+  h.lr = 1e-2f;
+  h.beta2 = 0.99f;
+  h.total_steps = 150;
+  Trainer tr(c, B, T, 1, h, parse_plan("none", c.num_layers), {}, test::init(c));
+  float first = 0, last = 0;
+  for (int s = 0; s < 150; s++) {
+    StepResult r = tr.step(data);
+    if (s == 0) first = r.loss;
+    last = r.loss;
+  }
+  EXPECT_GT(first, 3.5f);
+  EXPECT_LT(last, 0.3f) << "a 2-layer model should memorise 16 tokens";
+}
+
+std::vector<float> run_losses(uint64_t seed, const std::string& shard, int steps,
+                              std::vector<float>* final_params) {
+  GPT2Config c = tiny_config();
+  DataLoader data(shard, 2, 8, c.vocab_size, true, seed);
+  Hyper h;
+  h.lr = 3e-3f;
+  h.total_steps = steps;
+  Trainer tr(c, 2, 8, 2, h, parse_plan("none", c.num_layers), {}, test::init(c, seed));
+  std::vector<float> losses;
+  for (int s = 0; s < steps; s++) losses.push_back(tr.step(data).loss);
+  *final_params = tr.params();
+  return losses;
+}
+
+TEST(Model, SameSeedGivesBitwiseIdenticalLosses) {
+  test::TempDir dir;
+  test::write_random_shard(dir / "d.bin", 2000, 67, 3);
+  std::vector<float> pa, pb, pc;
+  auto a = run_losses(5, dir / "d.bin", 6, &pa);
+  auto b = run_losses(5, dir / "d.bin", 6, &pb);
+  auto d = run_losses(6, dir / "d.bin", 6, &pc);
+  ASSERT_EQ(a.size(), b.size());
+  for (size_t i = 0; i < a.size(); i++) EXPECT_EQ(a[i], b[i]) << "step " << i;
+  EXPECT_EQ(0, std::memcmp(pa.data(), pb.data(), pa.size() * sizeof(float)));
+  EXPECT_NE(a, d) << "another seed must give other losses";
+}
+
+TEST(Model, LearningRateSchedule) {
+  Hyper h;
+  h.lr = 1.0f;
+  h.warmup = 10;
+  h.total_steps = 110;
+  EXPECT_FLOAT_EQ(learning_rate(h, 0), 0.1f);
+  EXPECT_FLOAT_EQ(learning_rate(h, 9), 1.0f);
+  EXPECT_FLOAT_EQ(learning_rate(h, 50), 1.0f);  // constant
+  h.cosine = true;
+  h.final_frac = 0.1f;
+  EXPECT_FLOAT_EQ(learning_rate(h, 10), 1.0f);
+  EXPECT_NEAR(learning_rate(h, 60), 0.55f, 1e-6);
+  EXPECT_NEAR(learning_rate(h, 110), 0.1f, 1e-6);
+}
+
+}  // namespace
+}  // namespace remat

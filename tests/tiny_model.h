@@ -1,0 +1,60 @@
+// Small models and data for the model and runtime tests.
+#pragma once
+#include <unistd.h>
+
+#include <cstdint>
+#include <cstdlib>
+#include <string>
+#include <vector>
+
+#include "models/config.h"
+#include "models/params.h"
+#include "models/rng.h"
+#include "models/shards.h"
+
+namespace remat::test {
+
+// L=2, C=32, NH=2 (HD=16), a ragged vocabulary V=67 padded to 128, maxT=16.
+inline GPT2Config tiny_config(int layers = 2) {
+  GPT2Config c;
+  c.num_layers = layers;
+  c.num_heads = 2;
+  c.channels = 32;
+  c.max_seq_len = 16;
+  c.vocab_size = 67;
+  c.padded_vocab = pad_vocab(67);
+  return c;
+}
+
+inline std::vector<float> init(const GPT2Config& c, uint64_t seed = 7) {
+  std::vector<float> p(num_params(c));
+  init_params(p.data(), c, seed);
+  return p;
+}
+
+inline std::vector<int> random_tokens(size_t n, int V, uint64_t seed) {
+  Philox r(seed, 99);
+  std::vector<int> t(n);
+  for (auto& x : t) x = static_cast<int>(r.next_u32() % V);
+  return t;
+}
+
+// A fresh temporary directory, removed with its files at destruction.
+struct TempDir {
+  std::string path;
+  TempDir() {
+    char tmpl[] = "/tmp/remat_test_XXXXXX";
+    path = mkdtemp(tmpl);
+  }
+  ~TempDir() { std::system(("rm -rf '" + path + "'").c_str()); }
+  std::string operator/(const std::string& name) const { return path + "/" + name; }
+};
+
+// Writes a shard of `n` random tokens < V.
+inline void write_random_shard(const std::string& path, size_t n, int V, uint64_t seed) {
+  std::vector<int> t = random_tokens(n, V, seed);
+  std::vector<uint16_t> u(t.begin(), t.end());
+  write_shard(path, u.data(), u.size());
+}
+
+}  // namespace remat::test
