@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Installs what remat needs on a fresh Debian/Ubuntu machine (only what is missing), then
+# configures and builds into build/. Safe to run again: it only rebuilds what changed.
+#   REMAT_BUILD_DIR   build directory (default: build)
+#   REMAT_CMAKE_ARGS  extra arguments for cmake's configure step
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need=()
+have_pkg() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "install ok installed"; }
+for pkg in cmake ninja-build g++ libgtest-dev fortunes; do
+  have_pkg "$pkg" || need+=("$pkg")
+done
+if [ ${#need[@]} -gt 0 ]; then
+  echo "setup: installing ${need[*]}"
+  SUDO=""
+  [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+
+build="${REMAT_BUILD_DIR:-build}"
+# shellcheck disable=SC2086
+cmake -S . -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=Release ${REMAT_CMAKE_ARGS:-} >/dev/null
+cmake --build "$build" -j "$(nproc)"
+echo "setup: built $build/remat"
