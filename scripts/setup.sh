@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Installs what remat needs on a fresh Debian/Ubuntu machine (only what is missing), then
 # configures and builds into build/. Safe to run again: it only rebuilds what changed.
+#   bash scripts/setup.sh            everything (program, tests, benchmarks, CUDA sources)
+#   bash scripts/setup.sh remat      only the remat program
 #   REMAT_BUILD_DIR   build directory (default: build)
 #   REMAT_CMAKE_ARGS  extra arguments for cmake's configure step
 set -euo pipefail
@@ -11,16 +13,23 @@ have_pkg() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "install ok
 for pkg in cmake ninja-build g++ libgtest-dev fortunes; do
   have_pkg "$pkg" || need+=("$pkg")
 done
+SUDO=""
+[ "$(id -u)" -ne 0 ] && SUDO="sudo"
 if [ ${#need[@]} -gt 0 ]; then
   echo "setup: installing ${need[*]}"
-  SUDO=""
-  [ "$(id -u)" -ne 0 ] && SUDO="sudo"
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+
+# The independent reference check (tests/reference) needs numpy.
+if ! python3 -c "import numpy" 2>/dev/null; then
+  echo "setup: installing numpy for the reference tests"
+  python3 -m pip install --quiet numpy 2>/dev/null ||
+    DEBIAN_FRONTEND=noninteractive ${SUDO:-} apt-get install -y -qq python3-numpy >/dev/null || true
 fi
 
 build="${REMAT_BUILD_DIR:-build}"
 # shellcheck disable=SC2086
 cmake -S . -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=Release ${REMAT_CMAKE_ARGS:-} >/dev/null
-cmake --build "$build" -j "$(nproc)"
-echo "setup: built $build/remat"
+cmake --build "$build" -j "$(nproc)" ${1:+--target "$@"}
+echo "setup: built ${*:-everything} in $build"
