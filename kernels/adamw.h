@@ -19,3 +19,24 @@ void adamw_update(float* params, float* m, float* v, const float* grads, size_t 
                   const AdamWParams& p);
 
 }  // namespace remat::cpu
+
+#ifdef REMAT_WITH_CUDA
+// ---- CUDA backend ----
+// Launchers enqueue on `stream` and return at once (no host synchronization). Elem is float
+// (exact-comparison mode) or __nv_bfloat16 (training); only those two are instantiated.
+// Every pointer is device memory. Shape errors throw remat::Error before anything is enqueued.
+#include <cuda_bf16.h>
+#include <cuda_runtime_api.h>
+
+namespace remat::cuda {
+
+// master, m, v (n) fp32 updated in place from grads (n) with the CPU formula. params (n),
+// when not null, receives the updated master rounded to Elem (the bf16 weights the forward
+// reads). grad_scale_dev, when not null, is a device scalar multiplied into p.grad_scale
+// (the clip factor from clip_scale(), read without a host round trip).
+template <typename Elem>
+void adamw_update(float* master, float* m, float* v, const Elem* grads, Elem* params, size_t n,
+                  const cpu::AdamWParams& p, const float* grad_scale_dev, cudaStream_t stream);
+
+}  // namespace remat::cuda
+#endif  // REMAT_WITH_CUDA

@@ -17,3 +17,35 @@ void attention_backward(float* dqkv, const float* dout, const float* qkv, const 
                         const float* lse, int B, int T, int C, int NH);
 
 }  // namespace remat::cpu
+
+#ifdef REMAT_WITH_CUDA
+// ---- CUDA backend ----
+// Launchers enqueue on `stream` and return at once (no host synchronization). Elem is float
+// (exact-comparison mode) or __nv_bfloat16 (training); only those two are instantiated.
+// Every pointer is device memory. Shape errors throw remat::Error before anything is enqueued.
+#include <cuda_bf16.h>
+#include <cuda_runtime_api.h>
+
+namespace remat::cuda {
+
+// out (B, T, C) overwritten; lse (B, NH, T) fp32 overwritten (natural log, of the scaled
+// scores). bf16 with HD = C / NH in {64, 128}: flash attention on mma.sync tensor cores
+// (bf16 inputs, fp32 accumulation, P rounded to bf16 for the P V product). Other cases
+// (fp32, other head dims <= 256): a plain fp32 kernel (exact-comparison mode).
+template <typename Elem>
+void attention_forward(Elem* out, float* lse, const Elem* qkv, int B, int T, int C, int NH,
+                       cudaStream_t stream);
+
+// Scratch floats attention_backward needs: D = rowsum(dout * out), (B, NH, T).
+size_t attention_backward_workspace_floats(int B, int T, int NH);
+
+// dqkv (B, T, 3C) overwritten. Needs the forward's qkv, out and lse. Deterministic, no float
+// atomics: dK and dV are accumulated per key block by one CTA, dQ by a separate pass per
+// query block (P is rebuilt in both passes).
+template <typename Elem>
+void attention_backward(Elem* dqkv, const Elem* dout, const Elem* qkv, const Elem* out,
+                        const float* lse, int B, int T, int C, int NH, float* workspace,
+                        cudaStream_t stream);
+
+}  // namespace remat::cuda
+#endif  // REMAT_WITH_CUDA

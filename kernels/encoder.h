@@ -13,3 +13,32 @@ void encoder_backward(float* dwte, float* dwpe, const float* dout, const int* to
                       int C);
 
 }  // namespace remat::cpu
+
+#ifdef REMAT_WITH_CUDA
+// ---- CUDA backend ----
+// Launchers enqueue on `stream` and return at once (no host synchronization). Elem is float
+// (exact-comparison mode) or __nv_bfloat16 (training); only those two are instantiated.
+// Every pointer is device memory. Shape errors throw remat::Error before anything is enqueued.
+#include <cuda_bf16.h>
+#include <cuda_runtime_api.h>
+
+namespace remat::cuda {
+
+// out (B, T, C) = wte[tokens[b, t]] + wpe[t]. tokens (B, T) int32, each < Vp (unchecked).
+// C % 8 == 0.
+template <typename Elem>
+void encoder_forward(Elem* out, const int* tokens, const Elem* wte, const Elem* wpe, int B, int T,
+                     int C, cudaStream_t stream);
+
+// Bytes of scratch encoder_backward needs (token buckets): about 4 * (2 Vp + 2 B T).
+size_t encoder_backward_workspace_bytes(int B, int T, int Vp);
+
+// dwte (Vp, C) += scatter of dout by token; dwpe (>= T, C) += sum over b. Deterministic: each
+// dwte row sums its positions in increasing (b, t) order, each dwpe entry sums b in order.
+// workspace: encoder_backward_workspace_bytes(B, T, Vp) bytes, 16-byte aligned.
+template <typename Elem>
+void encoder_backward(Elem* dwte, Elem* dwpe, const Elem* dout, const int* tokens, int B, int T,
+                      int C, int Vp, void* workspace, cudaStream_t stream);
+
+}  // namespace remat::cuda
+#endif  // REMAT_WITH_CUDA
