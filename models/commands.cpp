@@ -19,6 +19,8 @@
 #include "models/rng.h"
 #include "models/tokenizer.h"
 #include "models/trainer.h"
+#include "profiling/overlap.h"
+#include "profiling/tracer.h"
 #include "runtime/plan.h"
 
 namespace remat {
@@ -56,7 +58,7 @@ PrepareResult default_corpus() {
                   " is missing: install Debian's 'fortunes' package or pass --data");
   std::printf("preparing the default corpus %s into %s (first use)\n", kDefaultCorpusDir,
               kDefaultDataDir);
-  return prepare_corpus({kDefaultCorpusDir}, kDefaultDataDir, 1024, 0.05);
+  return prepare_corpus({kDefaultCorpusDir}, kDefaultDataDir, 512, 0.05);
 }
 
 std::string json_num(double x) {
@@ -148,7 +150,13 @@ int cmd_train(int argc, const char* const* argv) {
            "kind lists like ln1+gelu, per-block overrides ',A-B=POLICY'")
       .add("lookahead", "1", "blocks the recompute stream works ahead")
       .flag("verify-recompute", "keep originals and compare every recomputed tensor bit for bit")
-      .add("max-bad-steps", "5", "stop after this many consecutive non-finite steps");
+      .add("max-bad-steps", "5", "stop after this many consecutive non-finite steps")
+      .add("trace", "",
+           "trace the --trace-steps steps into this Chrome/Perfetto trace JSON and "
+           "write the recompute overlap report beside it (.json -> .overlap.json)")
+      .add("trace-steps", "2:3",
+           "steps to trace with --trace, A:B as printed (1-based, inclusive); the default "
+           "is clamped to the run");
   if (!o.parse(argc, argv, 0)) {
     std::printf("%s", o.help().c_str());
     return 0;
@@ -265,6 +273,47 @@ int cmd_train(int argc, const char* const* argv) {
   std::signal(SIGINT, on_signal);
   std::signal(SIGTERM, on_signal);
 
+  // Tracing: the tracer is attached to both streams and the arena only around the steps in
+  // [trace_first, trace_last] (streams synchronized between steps); with no --trace nothing
+  // is attached. The trace and the report are written when the last traced step is done.
+  const std::string trace_path = o.get("trace");
+  std::unique_ptr<Tracer> tracer;
+  long long trace_first = 0, trace_last = -1;
+  int traced_steps = 0;
+  if (!trace_path.empty()) {
+    const std::string ts = o.get("trace-steps");
+    char tail = 0;
+    REMAT_CHECK(std::sscanf(ts.c_str(), "%lld:%lld%c", &trace_first, &trace_last, &tail) == 2 &&
+                    trace_first >= 1 && trace_last >= trace_first,
+                "--trace-steps must be A:B with 1 <= A <= B, got '" + ts + "'");
+    if (!o.given("trace-steps")) {
+      trace_last = std::min<long long>(trace_last, std::max(steps, 1));
+      trace_first = std::min(trace_first, trace_last);
+    }
+    REMAT_CHECK(trace_last <= steps,
+                "--trace-steps " + ts + " ends after the run's last step " + std::to_string(steps));
+    tracer = std::make_unique<Tracer>();
+  }
+  auto finish_trace = [&]() {
+    if (!tracer || traced_steps == 0) return;
+    std::string report_path = trace_path;
+    if (report_path.size() > 5 && report_path.substr(report_path.size() - 5) == ".json")
+      report_path.resize(report_path.size() - 5);
+    report_path += ".overlap.json";
+    tracer->write_chrome_json(trace_path);
+    const OverlapReport rep = overlap_report(tracer->data(), tr.runner().main_stream()->id(),
+                                             tr.runner().side_stream()->id());
+    FILE* f = std::fopen(report_path.c_str(), "wb");
+    REMAT_CHECK(f, report_path + ": cannot write the overlap report: " + std::strerror(errno));
+    const std::string js = to_json(rep);
+    const bool ok = std::fwrite(js.data(), 1, js.size(), f) == js.size();
+    REMAT_CHECK(std::fclose(f) == 0 && ok, report_path + ": error writing the overlap report");
+    print(rep, stdout);
+    std::printf("trace: %s (open in ui.perfetto.dev or chrome://tracing), report: %s\n",
+                trace_path.c_str(), report_path.c_str());
+    tracer.reset();
+  };
+
   const uint64_t P = num_params(c);
   std::printf("model: L=%d C=%d NH=%d V=%d (padded %d) maxT=%d, %.2fM parameters\n",
               c.num_layers, c.channels, c.num_heads, c.vocab_size, c.padded_vocab,
@@ -301,10 +350,27 @@ int cmd_train(int argc, const char* const* argv) {
   int bad = 0;
   int exit_code = 0;
   while (tr.steps_done() < steps) {
+    const bool traced =
+        tracer && tr.steps_done() + 1 >= trace_first && tr.steps_done() + 1 <= trace_last;
+    if (traced) {
+      tracer->attach(tr.runner().main_stream());
+      tracer->attach(tr.runner().side_stream());
+      tracer->attach_arena(&tr.runner().arena());
+    }
     auto t0 = std::chrono::steady_clock::now();
     StepResult r = tr.step(train);
-    double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+    const auto t1 = std::chrono::steady_clock::now();
+    double ms = std::chrono::duration<double, std::milli>(t1 - t0).count();
     const int64_t s = tr.steps_done();
+    if (traced) {
+      auto ns = [](std::chrono::steady_clock::time_point t) {
+        return std::chrono::duration_cast<std::chrono::nanoseconds>(t.time_since_epoch()).count();
+      };
+      tracer->add_span("step", ns(t0), ns(t1), static_cast<int>(s));
+      tracer->note_stats(tr.runner().stats());
+      tracer->detach();
+      traced_steps++;
+    }
     const uint64_t peak = tr.runner().stats().peak_bytes + 16 * P;
     std::printf("step %lld/%d | loss %.4f | norm %.4f | lr %.2e | %.1f ms | %.0f tok/s | peak %s%s\n",
                 (long long)s, steps, r.loss, r.grad_norm, r.lr, ms, total / (ms / 1000.0),
@@ -318,6 +384,7 @@ int cmd_train(int argc, const char* const* argv) {
                    (unsigned long long)tr.runner().stats().peak_by_usage[0], r.skipped ? "true" : "false");
       std::fflush(log);
     }
+    if (traced && s == trace_last) finish_trace();
     std::fflush(stdout);
     if (r.skipped) {
       bad++;
@@ -336,6 +403,7 @@ int cmd_train(int argc, const char* const* argv) {
     }
     if (g_signals.load() > 0) {
       std::printf("signal received: stopping after step %lld\n", (long long)s);
+      finish_trace();
       save();
       if (log) std::fclose(log);
       return 0;
@@ -345,6 +413,7 @@ int cmd_train(int argc, const char* const* argv) {
     const int ckpt_every = static_cast<int>(o.get_int("ckpt-every"));
     if (ckpt_every > 0 && s % ckpt_every == 0 && s != steps) save();
   }
+  finish_trace();  // a run that stopped inside the traced steps
   if (exit_code == 0) {
     do_eval(tr.steps_done());
     do_sample(tr.steps_done());
@@ -359,7 +428,7 @@ int cmd_prepare(int argc, const char* const* argv) {
             "Turn text files (or directories of them) into llm.c token shards and a tokenizer.\n"
             "usage: remat prepare [options] [INPUT...]   (default input: " +
                 std::string(kDefaultCorpusDir) + ")");
-  o.add("out", kDefaultDataDir, "output directory").add("vocab", "1024", "vocabulary size").add(
+  o.add("out", kDefaultDataDir, "output directory").add("vocab", "512", "vocabulary size").add(
       "val-fraction", "0.05", "share of documents kept for validation");
   if (!o.parse(argc, argv, 0)) {
     std::printf("%s", o.help().c_str());

@@ -14,6 +14,7 @@
 #include "kernels/layernorm.h"
 #include "kernels/matmul.h"
 #include "models/params.h"
+#include "profiling/nvtx.h"
 
 namespace remat {
 
@@ -208,6 +209,7 @@ struct GPT2Runner::Impl {
                 "fwd.ln1", 0);
     }
     for (int l = 0; l < L; l++) {
+      NvtxRange nvtx_block("forward.block", l);
       LayerW w = weights(P, l);
       auto& A = acts[l];
       const float* ln1 = main_ptr(A[ki(K::kLN1)]);
@@ -302,6 +304,7 @@ struct GPT2Runner::Impl {
 
   // ---- recompute of block l on the side stream: rebuild every kind the plan freed ----
   void recompute(int l, const float* P) {
+    NvtxRange nvtx_block("recompute.block", l);
     const KindSet& R = plan.recompute[l];
     Stream* s = side.get();
     const Phase ph = Phase::kRecompute;
@@ -408,6 +411,7 @@ struct GPT2Runner::Impl {
 
   // ---- backward of block l on the main stream; dres holds d x[l+1] and becomes d x[l] ----
   void backward_block(int l, const float* P, float* G, float* dres, float* scr4, float* scrC) {
+    NvtxRange nvtx_block("backward.block", l);
     const int C = c.channels, NH = c.num_heads, Bv = B, Tv = T, Nv = N;
     Stream* s = main.get();
     LayerW w = weights(P, l);
@@ -487,6 +491,7 @@ struct GPT2Runner::Impl {
     Block logits = arena->alloc(size_t(chunk) * Vp * es, s, ph, Usage::kWorkspace, "logits");
     Block losses = arena->alloc(size_t(N) * 4, s, ph, Usage::kWorkspace, "losses");
     {
+      NvtxRange nvtx_classifier("classifier");
       float *lo = losses.f32(), *dx = dlnf.f32(), *ws = logits.f32();
       const float *xf = lnf.f32(), *wte = pv.wte;
       float* dwte = gv.wte;

@@ -7,6 +7,7 @@
 #include "kernels/common.h"
 #include "kernels/gradnorm.h"
 #include "models/params.h"
+#include "profiling/nvtx.h"
 
 namespace remat {
 
@@ -41,6 +42,7 @@ Trainer::Trainer(const GPT2Config& c, int B, int T, int accum, const Hyper& h, P
 }
 
 StepResult Trainer::step(DataLoader& data) {
+  NvtxRange nvtx_step("step");
   StepResult r;
   std::fill(grads_.begin(), grads_.end(), 0.0f);
   runner_.reset_peaks();
@@ -64,6 +66,7 @@ StepResult Trainer::step(DataLoader& data) {
   const float scale = cpu::clip_scale(norm, h_.grad_clip);
   auto sizes = param_sizes(c_);
   auto offs = param_offsets(c_);
+  NvtxRange nvtx_optimizer("optimizer");
   for (int t = 0; t < kNumParamTensors; t++) {
     cpu::AdamWParams p{r.lr, h_.beta1, h_.beta2, h_.eps,
                        param_decays(t) ? h_.weight_decay : 0.0f, static_cast<int>(step_ + 1), scale};

@@ -14,6 +14,13 @@
 //   complete and no other stream deadlocks. synchronize() rethrows and clears the error; ops
 //   launched after that run again.
 // - A stream must outlive every other stream's pending wait on one of its events.
+// - Profiling: the worker names its thread for NVTX and opens an NVTX range named by the
+//   label around each op (and one named "wait" around each cross-stream wait); those are
+//   no-ops unless a profiler is attached. With a trace sink attached the worker reads the
+//   steady clock around each op and reports it; an ItemTraceSink (profiling/trace_sink.h)
+//   also gets each cross-stream wait, timed from when the worker began waiting to when the
+//   event was complete, and each item's host launch time (read in launch()/wait() while a
+//   sink is attached). With no sink attached no clock is read.
 #include "runtime/stream.h"
 
 #include <pthread.h>
@@ -28,6 +35,8 @@
 #include <utility>
 
 #include "kernels/common.h"
+#include "profiling/nvtx.h"
+#include "profiling/trace_sink.h"
 
 namespace remat {
 namespace {
@@ -101,6 +110,7 @@ class CpuStream final : public Stream {
   void set_trace_sink(TraceSink* sink) override {
     std::lock_guard<std::mutex> lk(mu_);
     sink_ = sink;
+    item_sink_ = dynamic_cast<ItemTraceSink*>(sink);
   }
 
  private:
@@ -111,11 +121,13 @@ class CpuStream final : public Stream {
     uint64_t wait_seq;
     const char* label;
     int block;
+    int64_t launch_ns = 0;  // host clock at launch, read only while a sink is attached
   };
 
   void push(Item item) {
     {
       std::lock_guard<std::mutex> lk(mu_);
+      if (sink_) item.launch_ns = now_ns();
       queue_.push_back(std::move(item));
       ++launched_;
     }
@@ -143,9 +155,12 @@ class CpuStream final : public Stream {
     // Linux limits thread names to 15 characters plus the terminator.
     pthread_setname_np(pthread_self(), name().substr(0, 15).c_str());
 #endif
+    nvtx_name_thread(name().c_str());
     for (;;) {
       Item item;
       TraceSink* sink;
+      ItemTraceSink* item_sink;
+      uint64_t seq;  // this item's 1-based position in the launch order
       bool skip;
       {
         std::unique_lock<std::mutex> lk(mu_);
@@ -154,18 +169,34 @@ class CpuStream final : public Stream {
         item = std::move(queue_.front());
         queue_.pop_front();
         sink = sink_;
+        item_sink = item_sink_;
+        seq = completed_ + 1;
         skip = error_ != nullptr;
       }
       std::exception_ptr err;
       if (item.wait_stream) {
-        wait_on(item.wait_stream, item.wait_seq);
+        NvtxRange range("wait");
+        if (item_sink) {
+          const int64_t start = now_ns();
+          wait_on(item.wait_stream, item.wait_seq);
+          const int64_t end = now_ns();
+          item_sink->on_item(TraceRecord{OpRecord{"wait", id(), start, end, -1}, seq,
+                                         item.wait_stream->id(), item.launch_ns});
+        } else {
+          wait_on(item.wait_stream, item.wait_seq);
+        }
       } else if (!skip) {
         try {
+          NvtxRange range(item.label, item.block);
           if (sink) {
             const int64_t start = now_ns();
             item.fn();
             const int64_t end = now_ns();
-            sink->on_op(OpRecord{item.label, id(), start, end, item.block});
+            const OpRecord r{item.label, id(), start, end, item.block};
+            if (item_sink)
+              item_sink->on_item(TraceRecord{r, seq, -1, item.launch_ns});
+            else
+              sink->on_op(r);
           } else {
             item.fn();
           }
@@ -191,6 +222,7 @@ class CpuStream final : public Stream {
   bool stop_ = false;
   std::exception_ptr error_;  // first exception since the last synchronize()
   TraceSink* sink_ = nullptr;
+  ItemTraceSink* item_sink_ = nullptr;  // sink_ when it is an ItemTraceSink, else nullptr
   std::thread worker_;  // last member: started after everything above is constructed
 };
 

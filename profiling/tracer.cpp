@@ -1,0 +1,301 @@
+#include "profiling/tracer.h"
+
+#include <algorithm>
+#include <cerrno>
+#include <chrono>
+#include <cinttypes>
+#include <cstdio>
+#include <cstring>
+
+#include "kernels/common.h"
+
+namespace remat {
+namespace {
+
+int64_t now_ns() {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(
+             std::chrono::steady_clock::now().time_since_epoch())
+      .count();
+}
+
+bool starts_with(const char* s, const char* prefix) {
+  return std::strncmp(s, prefix, std::strlen(prefix)) == 0;
+}
+
+// JSON string literal of s (quotes included).
+std::string quoted(const std::string& s) {
+  std::string o = "\"";
+  for (const char ch : s) {
+    const unsigned char c = static_cast<unsigned char>(ch);
+    if (c == '"' || c == '\\') {
+      o += '\\';
+      o += ch;
+    } else if (c < 0x20) {
+      char b[8];
+      std::snprintf(b, sizeof b, "\\u%04x", c);
+      o += b;
+    } else {
+      o += ch;
+    }
+  }
+  return o + "\"";
+}
+
+// ns as µs with three decimals: exact.
+std::string micros(int64_t ns) {
+  char b[32];
+  const char* sign = ns < 0 ? "-" : "";
+  const int64_t a = ns < 0 ? -ns : ns;
+  std::snprintf(b, sizeof b, "%s%" PRId64 ".%03" PRId64, sign, a / 1000, a % 1000);
+  return b;
+}
+
+}  // namespace
+
+OpKind op_kind(const char* label) {
+  if (starts_with(label, "fwd.")) return OpKind::kForward;
+  if (starts_with(label, "bwd.")) return OpKind::kBackward;
+  if (starts_with(label, "recompute.")) return OpKind::kRecompute;
+  if (std::strcmp(label, "wait") == 0) return OpKind::kWait;
+  if (starts_with(label, "classifier")) return OpKind::kClassifier;
+  return OpKind::kOther;
+}
+
+const char* op_kind_name(OpKind k) {
+  switch (k) {
+    case OpKind::kForward:
+      return "forward";
+    case OpKind::kBackward:
+      return "backward";
+    case OpKind::kRecompute:
+      return "recompute";
+    case OpKind::kWait:
+      return "wait";
+    case OpKind::kClassifier:
+      return "classifier";
+    case OpKind::kOther:
+      break;
+  }
+  return "other";
+}
+
+void Tracer::attach(Stream* s) {
+  REMAT_CHECK(s != nullptr, "tracer: attach of a null stream");
+  if (std::find(lanes_.begin(), lanes_.end(), s) != lanes_.end()) return;
+  {
+    std::lock_guard<std::mutex> lk(mu_);
+    names_[s->id()] = s->name();
+  }
+  lanes_.push_back(s);
+  s->set_trace_sink(this);
+}
+
+void Tracer::attach_arena(Arena* a) {
+  REMAT_CHECK(a != nullptr, "tracer: attach of a null arena");
+  arena_ = a;
+  const ArenaStats& s = a->stats();
+  {
+    std::lock_guard<std::mutex> lk(mu_);
+    samples_.push_back(RawSample{now_ns(), s.live_bytes, s.live_by_usage[0], true});
+  }
+  a->set_live_hook(&Tracer::live_hook, this);
+}
+
+void Tracer::detach() {
+  for (Stream* s : lanes_) s->set_trace_sink(nullptr);
+  lanes_.clear();
+  if (arena_) arena_->set_live_hook(nullptr, nullptr);
+  arena_ = nullptr;
+}
+
+void Tracer::add_span(const char* label, int64_t start_ns, int64_t end_ns, int index) {
+  std::lock_guard<std::mutex> lk(mu_);
+  spans_.push_back(HostSpan{label, start_ns, end_ns, index});
+}
+
+void Tracer::note_stats(const ArenaStats& s) {
+  std::lock_guard<std::mutex> lk(mu_);
+  for (int p = 0; p < kNumPhases; p++)
+    act_peak_[p] = std::max<uint64_t>(act_peak_[p], s.activation_peak_in_phase[p]);
+  arena_peak_ = std::max<uint64_t>(arena_peak_, s.peak_bytes);
+}
+
+void Tracer::on_item(const TraceRecord& r) {
+  std::lock_guard<std::mutex> lk(mu_);
+  records_[r.op.stream_id].push_back(r);
+}
+
+// Host thread, inside Arena::alloc/free.
+void Tracer::live_hook(void* ctx, size_t live, size_t activations) {
+  Tracer* t = static_cast<Tracer*>(ctx);
+  const RawSample smp{now_ns(), live, activations, false};
+  std::lock_guard<std::mutex> lk(t->mu_);
+  t->samples_.push_back(smp);
+}
+
+TraceData Tracer::data() const {
+  TraceData d;
+  std::lock_guard<std::mutex> lk(mu_);
+  d.stream_names = names_;
+  d.spans = spans_;
+  d.activation_peak_in_phase = act_peak_;
+  d.arena_peak_bytes = arena_peak_;
+
+  // Per stream: records by start (== launch order on an in-order stream), each wait given
+  // the block of the next op.
+  for (const auto& [id, recs] : records_) {
+    std::vector<TraceRecord> v = recs;
+    std::stable_sort(v.begin(), v.end(), [](const TraceRecord& a, const TraceRecord& b) {
+      return a.op.start_ns < b.op.start_ns;
+    });
+    int next_block = -1;
+    for (size_t i = v.size(); i-- > 0;) {
+      if (v[i].is_wait())
+        v[i].op.block = next_block;
+      else
+        next_block = v[i].op.block;
+    }
+    d.records.insert(d.records.end(), v.begin(), v.end());
+  }
+  place_memory(d.records, &d.memory);
+  return d;
+}
+
+// The memory curve on the stream timeline (contract at MemorySample). Caller holds mu_.
+void Tracer::place_memory(const std::vector<TraceRecord>& records,
+                          std::vector<MemorySample>* out) const {
+  std::vector<const TraceRecord*> by_launch;  // every item of every stream, in launch order
+  for (const TraceRecord& r : records)
+    if (r.launch_ns > 0) by_launch.push_back(&r);
+  std::stable_sort(
+      by_launch.begin(), by_launch.end(),
+      [](const TraceRecord* a, const TraceRecord* b) { return a->launch_ns < b->launch_ns; });
+  // seg_end: the next attach_arena() call; an alloc is never moved past it.
+  auto placed = [&](const RawSample& s, bool alloc, int64_t seg_end) {
+    int64_t ts = s.host_ns;
+    if (alloc) {  // start of the first item launched at or after the call
+      auto it = std::lower_bound(by_launch.begin(), by_launch.end(), s.host_ns,
+                                 [](const TraceRecord* r, int64_t t) { return r->launch_ns < t; });
+      if (it != by_launch.end() && (*it)->launch_ns < seg_end) ts = (*it)->op.start_ns;
+    } else {  // end of the last item launched at or before the call
+      auto it = std::upper_bound(by_launch.begin(), by_launch.end(), s.host_ns,
+                                 [](int64_t t, const TraceRecord* r) { return t < r->launch_ns; });
+      if (it != by_launch.begin()) ts = (*std::prev(it))->op.end_ns;
+    }
+    return std::max(ts, s.host_ns);
+  };
+
+  struct Change {
+    int64_t ts, host_ns;
+    int64_t live, activations;  // signed deltas
+  };
+  size_t i = 0;
+  while (i < samples_.size()) {
+    // One segment: a baseline (attach_arena) and the samples up to the next one. A segment
+    // without a baseline (cannot happen through the public API) starts from its first sample.
+    const RawSample& base = samples_[i];
+    int64_t live = static_cast<int64_t>(base.live);
+    int64_t act = static_cast<int64_t>(base.activations);
+    out->push_back(MemorySample{base.host_ns, base.host_ns, base.live, base.activations});
+    std::vector<Change> changes;
+    int64_t seg_end = INT64_MAX;
+    for (size_t j = i + 1; j < samples_.size(); j++) {
+      if (samples_[j].baseline) {
+        seg_end = samples_[j].host_ns;
+        break;
+      }
+    }
+    int64_t prev_live = live, prev_act = act;
+    for (i++; i < samples_.size() && !samples_[i].baseline; i++) {
+      const RawSample& s = samples_[i];
+      const int64_t dl = static_cast<int64_t>(s.live) - prev_live;
+      const int64_t da = static_cast<int64_t>(s.activations) - prev_act;
+      prev_live = static_cast<int64_t>(s.live);
+      prev_act = static_cast<int64_t>(s.activations);
+      if (dl == 0 && da == 0) continue;
+      changes.push_back(
+          Change{placed(s, dl > 0 || (dl == 0 && da > 0), seg_end), s.host_ns, dl, da});
+    }
+    std::stable_sort(changes.begin(), changes.end(),
+                     [](const Change& a, const Change& b) { return a.ts < b.ts; });
+    int64_t last = base.host_ns;
+    for (const Change& c : changes) {
+      live += c.live;
+      act += c.activations;
+      last = std::max(last, c.ts);
+      out->push_back(MemorySample{c.host_ns, last,
+                                  static_cast<uint64_t>(std::max<int64_t>(live, 0)),
+                                  static_cast<uint64_t>(std::max<int64_t>(act, 0))});
+    }
+  }
+}
+
+void Tracer::write_chrome_json(const std::string& path) const {
+  const std::string json = chrome_trace_json(data());
+  FILE* f = std::fopen(path.c_str(), "wb");
+  REMAT_CHECK(f, path + ": cannot write the trace: " + std::strerror(errno));
+  const bool ok = std::fwrite(json.data(), 1, json.size(), f) == json.size();
+  const bool closed = std::fclose(f) == 0;
+  REMAT_CHECK(ok && closed, path + ": error writing the trace: " + std::strerror(errno));
+}
+
+std::string chrome_trace_json(const TraceData& d) {
+  int64_t t0 = INT64_MAX;
+  for (const TraceRecord& r : d.records) t0 = std::min(t0, r.op.start_ns);
+  for (const HostSpan& s : d.spans) t0 = std::min(t0, s.start_ns);
+  for (const MemorySample& m : d.memory) t0 = std::min(t0, m.ts_ns);
+  if (t0 == INT64_MAX) t0 = 0;
+
+  std::string o;
+  o.reserve(256 + 160 * (d.records.size() + d.memory.size()));
+  bool first = true;
+  auto event = [&](const std::string& body) {
+    o += first ? "\n" : ",\n";
+    o += "{" + body + "}";
+    first = false;
+  };
+  auto lane_name = [&](int id) {
+    auto it = d.stream_names.find(id);
+    return it == d.stream_names.end() ? "stream " + std::to_string(id) : it->second;
+  };
+  o += "{\"traceEvents\":[";
+  event(R"("ph":"M","pid":1,"name":"process_name","args":{"name":"remat"})");
+  auto name_lane = [&](int tid, const std::string& name) {
+    const std::string t = std::to_string(tid);
+    event(R"("ph":"M","pid":1,"tid":)" + t + R"(,"name":"thread_name","args":{"name":)" +
+          quoted(name) + "}");
+    event(R"("ph":"M","pid":1,"tid":)" + t +
+          R"(,"name":"thread_sort_index","args":{"sort_index":)" + t + "}");
+  };
+  for (const auto& [id, name] : d.stream_names) name_lane(id, name);
+  if (!d.spans.empty()) name_lane(kHostLaneTid, "host");
+
+  for (const TraceRecord& r : d.records) {
+    const char* label = r.op.label ? r.op.label : "";
+    std::string e = R"("ph":"X","pid":1,"tid":)" + std::to_string(r.op.stream_id) +
+                    ",\"name\":" + quoted(label) + ",\"cat\":\"" + op_kind_name(op_kind(label)) +
+                    "\",\"ts\":" + micros(r.op.start_ns - t0) +
+                    ",\"dur\":" + micros(r.op.end_ns - r.op.start_ns) +
+                    ",\"args\":{\"block\":" + std::to_string(r.op.block) +
+                    ",\"op\":" + quoted(label) + ",\"seq\":" + std::to_string(r.seq);
+    if (r.is_wait())
+      e += ",\"waited_stream\":" + std::to_string(r.waited_stream) +
+           ",\"waited_stream_name\":" + quoted(lane_name(r.waited_stream));
+    event(e + "}");
+  }
+  for (const HostSpan& s : d.spans) {
+    event(R"("ph":"X","pid":1,"tid":)" + std::to_string(kHostLaneTid) + ",\"name\":" +
+          quoted(s.label ? s.label : "") + ",\"cat\":\"host\",\"ts\":" + micros(s.start_ns - t0) +
+          ",\"dur\":" + micros(s.end_ns - s.start_ns) +
+          ",\"args\":{\"index\":" + std::to_string(s.index) + "}");
+  }
+  for (const MemorySample& m : d.memory) {
+    event(R"("ph":"C","pid":1,"name":"arena bytes","ts":)" + micros(m.ts_ns - t0) +
+          ",\"args\":{\"live\":" + std::to_string(m.live_bytes) +
+          ",\"activations\":" + std::to_string(m.activation_bytes) + "}");
+  }
+  o += "\n],\"displayTimeUnit\":\"ms\"}\n";
+  return o;
+}
+
+}  // namespace remat
