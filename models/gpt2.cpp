@@ -474,22 +474,24 @@ struct GPT2Runner::Impl {
     if (P) pv = view_params(const_cast<float*>(P), c);
     if (G) gv = view_params(G, c);
     Stream* s = main.get();
-    // Start the look-ahead: the side stream rebuilds the top blocks while the main stream
-    // runs the classifier.
     int next_rc = L - 1;  // next block to hand to the side stream
     auto issue_recompute_down_to = [&](int lowest) {
       for (; next_rc >= std::max(lowest, 0); next_rc--) {
         if (plan.recompute[next_rc] != KindSet{}) recompute(next_rc, P);
       }
     };
-    issue_recompute_down_to(L - 1 - opt.lookahead);
-    // Classifier: loss and its gradient in row chunks.
+    // Classifier: loss and its gradient in row chunks. Its buffers are taken before the
+    // look-ahead recompute allocates, so they come from bytes the main stream freed and the
+    // classifier never waits on the side stream.
     const Phase ph = Phase::kBackward;
     int chunk = opt.classifier_chunk;
     if (chunk <= 0) chunk = static_cast<int>(std::max<long>(1, std::min<long>(N, (64l << 20) / (long(Vp) * es))));
     Block dlnf = alloc_nc(s, ph, Usage::kWorkspace, size_t(N) * C, "dlnf");
     Block logits = arena->alloc(size_t(chunk) * Vp * es, s, ph, Usage::kWorkspace, "logits");
     Block losses = arena->alloc(size_t(N) * 4, s, ph, Usage::kWorkspace, "losses");
+    // Start the look-ahead: the side stream rebuilds the top blocks while the main stream
+    // runs the classifier.
+    issue_recompute_down_to(L - 1 - opt.lookahead);
     {
       NvtxRange nvtx_classifier("classifier");
       float *lo = losses.f32(), *dx = dlnf.f32(), *ws = logits.f32();

@@ -116,11 +116,21 @@ Block Arena::alloc(size_t bytes, Stream* stream, Phase phase, Usage usage, const
                   "' is too large: " + std::to_string(bytes) + " bytes");
   const size_t size = bytes == 0 ? kAlign : (bytes + kAlign - 1) / kAlign * kAlign;
 
-  // Best fit among free regions (scan in offset order; strict < keeps the lowest offset).
+  // Best fit among free regions (scan in offset order; strict < keeps the lowest offset),
+  // preferring regions that need no cross-stream wait: those whose frees were all on
+  // `stream`. Which stream freed a region is known in program order, so the choice stays
+  // independent of timing (dry run == real run).
+  auto foreign = [&](const FreeRegion& r) {
+    for (const Event& e : r.ready)
+      if (e.stream != nullptr && e.stream != stream) return true;
+    return false;
+  };
   size_t best = free_.size();
-  for (size_t i = 0; i < free_.size(); ++i) {
-    if (free_[i].bytes >= size && (best == free_.size() || free_[i].bytes < free_[best].bytes))
-      best = i;
+  for (int pass = 0; pass < 2 && best == free_.size(); ++pass) {
+    for (size_t i = 0; i < free_.size(); ++i) {
+      if (free_[i].bytes < size || (pass == 0 && foreign(free_[i]))) continue;
+      if (best == free_.size() || free_[i].bytes < free_[best].bytes) best = i;
+    }
   }
   // Else a free region ending at top_ grows into the top; else the top itself.
   size_t offset;
