@@ -85,6 +85,11 @@ struct GPT2Runner::Impl {
                     std::to_string(c.num_layers));
     REMAT_CHECK(opt.lookahead >= 0, "--lookahead must be >= 0");
     REMAT_CHECK(dry || dtype == ActDType::kFP32, "the CPU backend computes in fp32");
+#ifdef REMAT_INJECT_MISSING_EVENT
+    // Test-only build: the missing-event fault (see CMakeLists.txt) in every runner.
+    opt.debug_skip_ready_wait = true;
+    opt.debug_recompute_delay_ms = std::max(opt.debug_recompute_delay_ms, 5);
+#endif
     es = act_bytes(dtype);
     for (int k = 0; k < kNumKinds; k++) layout[k] = kind_layout(c, N, k);
     if (dry) {
