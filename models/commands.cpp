@@ -61,6 +61,56 @@ PrepareResult default_corpus() {
   return prepare_corpus({kDefaultCorpusDir}, kDefaultDataDir, 512, 0.05);
 }
 
+// Bytes of memory the kernel says can still be had (MemAvailable), 0 if unknown.
+uint64_t available_memory() {
+  FILE* f = std::fopen("/proc/meminfo", "r");
+  if (!f) return 0;
+  char line[256];
+  unsigned long long kb = 0;
+  while (std::fgets(line, sizeof line, f))
+    if (std::sscanf(line, "MemAvailable: %llu kB", &kb) == 1) break;
+  std::fclose(f);
+  return kb * 1024ull;
+}
+
+// Host bytes a CPU training run needs before its first step: fp32 weights, gradients and
+// AdamW moments, plus the arena reservation the dry run of this plan asks for.
+uint64_t host_bytes_needed(const GPT2Config& c, int B, int T, const Plan& plan,
+                           const ScheduleOptions& so) {
+  GPT2Runner dry(c, B, T, plan, ActDType::kFP32, so, /*dry=*/true);
+  dry.forward_backward(nullptr, nullptr, nullptr, nullptr, 1.0f);
+  return 16ull * num_params(c) + dry.stats().extent_peak;
+}
+
+// An error before anything is allocated when the run cannot fit this machine's memory,
+// naming what it needs and what would fit.
+void check_fits_in_memory(const GPT2Config& c, int B, int T, const Plan& plan,
+                          const ScheduleOptions& so, const std::string& policy) {
+  const uint64_t avail = available_memory();
+  if (avail == 0) return;
+  const uint64_t need = host_bytes_needed(c, B, T, plan, so);
+  if (need <= avail) return;
+  std::string msg = "this run needs " + format_bytes(need) + " of memory (weights, gradients and "
+                    "AdamW state " + format_bytes(16ull * num_params(c)) + ", activations and "
+                    "workspace with --recompute " + policy + " " +
+                    format_bytes(need - 16ull * num_params(c)) + ") but only " +
+                    format_bytes(avail) + " is available";
+  Plan full = parse_plan("full", c.num_layers);
+  const uint64_t need_full = host_bytes_needed(c, B, T, full, so);
+  if (need_full <= avail) {
+    msg += "; --recompute full needs " + format_bytes(need_full) + " and fits";
+  } else {
+    int b = B;
+    while (b > 1 && host_bytes_needed(c, b, T, full, so) > avail) b /= 2;
+    if (host_bytes_needed(c, b, T, full, so) <= avail)
+      msg += "; even --recompute full needs " + format_bytes(need_full) + "; --batch " +
+             std::to_string(b) + " with --recompute full fits";
+    else
+      msg += "; the weights and optimizer state alone do not fit: choose a smaller model";
+  }
+  throw Error(msg);
+}
+
 std::string json_num(double x) {
   if (!std::isfinite(x)) return "null";
   char b[64];
@@ -202,8 +252,6 @@ int cmd_train(int argc, const char* const* argv) {
       vocab = tok->vocab_size();
     }
     c = preset_config(model, vocab);
-    params.resize(num_params(c));
-    init_params(params.data(), c, seed);
   }
   const int B = static_cast<int>(o.get_int("batch")), T = static_cast<int>(o.get_int("seq"));
   REMAT_CHECK(B > 0 && T > 0, "--batch and --seq must be positive");
@@ -237,6 +285,11 @@ int cmd_train(int argc, const char* const* argv) {
   so.lookahead = static_cast<int>(o.get_int("lookahead"));
   so.verify_recompute = o.get_bool("verify-recompute");
   Plan plan = make_plan(o.get("recompute"), c, B, T, ActDType::kFP32, so, CostModel{});
+  check_fits_in_memory(c, B, T, plan, so, o.get("recompute"));
+  if (params.empty()) {
+    params.resize(num_params(c));
+    init_params(params.data(), c, seed);
+  }
 
   DataLoader train(train_pat, B, T, c.vocab_size, o.get_bool("shuffle"), seed);
   std::unique_ptr<DataLoader> val;
