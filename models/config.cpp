@@ -1,5 +1,7 @@
 #include "models/config.h"
 
+#include <climits>
+
 #include "kernels/common.h"
 
 namespace remat {
@@ -22,6 +24,11 @@ constexpr Preset kPresets[] = {
 GPT2Config preset_config(const std::string& name, int vocab) {
   for (const Preset& p : kPresets) {
     if (name != p.name) continue;
+    // pad_vocab rounds up to a multiple of 128 in int: larger values would overflow.
+    constexpr int kMaxVocab = INT_MAX / 128 * 128;
+    if (vocab > kMaxVocab)
+      throw Error("vocabulary size " + std::to_string(vocab) + " is too large (at most " +
+                  std::to_string(kMaxVocab) + ")");
     GPT2Config c;
     c.num_layers = p.L;
     c.num_heads = p.NH;

@@ -68,10 +68,18 @@ bool named_set(const std::string& name, KindSet* out) {
   return true;
 }
 
+// A block number or count: decimal digits only, at most INT_MAX.
 int parse_int(const std::string& text, const std::string& spec) {
-  REMAT_CHECK(!text.empty() && std::all_of(text.begin(), text.end(), ::isdigit),
+  REMAT_CHECK(!text.empty() && std::all_of(text.begin(), text.end(),
+                                           [](unsigned char ch) { return std::isdigit(ch); }),
               "--recompute '" + spec + "': '" + text + "' is not a block number");
-  return std::stoi(text);
+  int64_t value = 0;
+  for (char ch : text) {
+    value = value * 10 + (ch - '0');
+    REMAT_CHECK(value <= std::numeric_limits<int>::max(),
+                "--recompute '" + spec + "': block number '" + text + "' is too large");
+  }
+  return static_cast<int>(value);
 }
 
 // Applies one policy (a named set or every:K) to blocks [lo, hi].
@@ -146,7 +154,8 @@ uint64_t parse_bytes(const std::string& text) {
     throw Error("'" + text + "' is not a byte count (e.g. 8GiB, 512MB, 1e9)");
   }
   std::string unit = text.substr(pos);
-  std::transform(unit.begin(), unit.end(), unit.begin(), ::tolower);
+  std::transform(unit.begin(), unit.end(), unit.begin(),
+                 [](unsigned char ch) { return static_cast<char>(std::tolower(ch)); });
   double mult = 1;
   if (unit.empty() || unit == "b") mult = 1;
   else if (unit == "k" || unit == "kib") mult = 1024.0;

@@ -1,0 +1,170 @@
+// Writes the seed corpora of the fuzz targets: small valid files made by remat's own writers
+// (and a few near misses), so that fuzzing starts from the formats' real structure.
+//
+// usage: make_seeds DIR   -- creates DIR/{shard,llmc_model,train_state,tokenizer,cli}/
+// Each file stays well under the fuzzers' -max_len (64 KiB).
+#include <sys/stat.h>
+
+#include <cstdio>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "kernels/common.h"
+#include "models/atomic_file.h"
+#include "models/config.h"
+#include "models/llmc_model.h"
+#include "models/params.h"
+#include "models/shards.h"
+#include "models/tokenizer.h"
+#include "models/train_state.h"
+
+namespace {
+
+std::string g_dir;
+
+void put(const std::string& sub, const std::string& name, const std::vector<uint8_t>& bytes) {
+  const std::string d = g_dir + "/" + sub;
+  ::mkdir(d.c_str(), 0755);
+  remat::write_file_atomic(d + "/" + name, bytes.data(), bytes.size());
+}
+
+std::vector<uint8_t> bytes_of(const std::string& path) {
+  std::vector<uint8_t> b = remat::read_file_bytes(path);
+  std::remove(path.c_str());
+  return b;
+}
+
+// A model small enough for a seed: 1 layer, C = 8, 2 heads, V = 20 (Vp = 32), maxT = 8.
+remat::GPT2Config micro_config() {
+  remat::GPT2Config c;
+  c.max_seq_len = 8;
+  c.vocab_size = 20;
+  c.padded_vocab = 32;
+  c.num_layers = 1;
+  c.num_heads = 2;
+  c.channels = 8;
+  return c;
+}
+
+void shards() {
+  const std::string tmp = g_dir + "/tmp.bin";
+  for (int n : {0, 1, 9, 200}) {
+    std::vector<uint16_t> tok(n);
+    for (int i = 0; i < n; i++) tok[i] = static_cast<uint16_t>((i * 37 + 11) % 300);
+    remat::write_shard(tmp, tok.data(), tok.size());
+    const std::vector<uint8_t> file = bytes_of(tmp);
+    // Loader settings (see fuzz_shard.cpp): B, T, vocab; plain and shuffled.
+    const uint8_t settings[][4] = {{0, 3, 44, 1}, {0x81, 7, 0xff, 0xff}, {1, 0, 10, 0}};
+    int k = 0;
+    for (const auto& s : settings) {
+      std::vector<uint8_t> in(s, s + 4);
+      in.insert(in.end(), file.begin(), file.end());
+      put("shard", "n" + std::to_string(n) + "_" + std::to_string(k++), in);
+    }
+  }
+}
+
+void models() {
+  const remat::GPT2Config c = micro_config();
+  std::vector<float> p(remat::num_params(c));
+  remat::init_params(p.data(), c, 7);
+  const std::string tmp = g_dir + "/tmp.bin";
+  for (int version : {3, 5}) {
+    remat::write_llmc_model(tmp, c, p.data(), version);
+    put("llmc_model", "micro_v" + std::to_string(version), bytes_of(tmp));
+  }
+  // A GPT-2 124M header with no parameters behind it (a size mismatch).
+  remat::GPT2Config g = remat::preset_config("gpt2");
+  int32_t h[256] = {remat::kModelMagic, 3,           g.max_seq_len, g.vocab_size,
+                    g.num_layers,       g.num_heads, g.channels,    g.padded_vocab};
+  std::vector<uint8_t> hb(reinterpret_cast<uint8_t*>(h), reinterpret_cast<uint8_t*>(h) + 1024);
+  put("llmc_model", "gpt2_header_only", hb);
+}
+
+void states() {
+  const remat::GPT2Config c = micro_config();
+  remat::TrainState s;
+  s.config = c;
+  s.step = 3;
+  s.params.resize(remat::num_params(c));
+  remat::init_params(s.params.data(), c, 9);
+  s.loader.epoch = 1;
+  s.loader.batch_in_shard = 2;
+  s.rng_seed = 1337;
+  s.rng_counter = 42;
+  const std::string tmp = g_dir + "/tmp.bin";
+  remat::save_train_state(tmp, s);
+  put("train_state", "no_moments", bytes_of(tmp));
+  s.m.assign(s.params.size(), 0.001f);
+  s.v.assign(s.params.size(), 0.0001f);
+  s.extra_json = "{\"lr\":0.0003,\"note\":\"seed\"}";
+  remat::save_train_state(tmp, s);
+  put("train_state", "with_moments", bytes_of(tmp));
+}
+
+void tokenizers() {
+  const std::string text =
+      "The quick brown fox jumps over the lazy dog. The dog sleeps; the fox runs away.\n"
+      "A stitch in time saves nine. 1234 5678 90! Numbers, words, and UTF-8: caf\xc3\xa9 "
+      "na\xc3\xafve.\tTabs\tand  double  spaces.\n";
+  const std::string tmp = g_dir + "/tmp.bin";
+  for (int vocab : {257, 300}) {
+    remat::Tokenizer::train(text, vocab).save(tmp);
+    std::vector<uint8_t> file = bytes_of(tmp);
+    put("tokenizer", "trained_" + std::to_string(vocab), file);
+    if (vocab != 300) continue;
+    // The same vocabulary without the merges section: an llm.c-style, decode-only file.
+    size_t at = 1024;
+    for (int t = 0; t < vocab; t++) at += 1 + file[at];
+    file.resize(at);
+    put("tokenizer", "decode_only_300", file);
+    // Version 1 (no eot field) of a decode-only file is refused unless vocab > 50256.
+    file[4] = 1;
+    put("tokenizer", "v1_300", file);
+  }
+}
+
+void command_lines() {
+  const std::vector<std::vector<std::string>> lines = {
+      {"--model", "tiny", "--vocab", "300", "--batch", "2", "--seq", "16", "--steps", "3"},
+      {"--recompute", "selective,0-3=full", "--lr=1e-3", "--shuffle"},
+      {"--recompute", "budget:1.5GiB", "--model", "gpt2-xl", "--total-batch", "65536"},
+      {"--recompute", "every:2", "--model", "gpt2-medium", "--verify-recompute"},
+      {"--recompute", "ln1+gelu,1=attn+qkv", "--lookahead", "2", "512MB"},
+      {"--recompute=attention,0=none,2-5=every:1", "--eps", "1e-8", "--grad-clip=0"},
+      {"--out", "4K", "--seed", "-1", "--vocab", "2147483647", "--model", "mini"},
+      {"--help"},
+  };
+  int k = 0;
+  for (const auto& line : lines) {
+    std::vector<uint8_t> b;
+    for (const std::string& a : line) {
+      b.insert(b.end(), a.begin(), a.end());
+      b.push_back(0);
+    }
+    put("cli", "line" + std::to_string(k++), b);
+  }
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  if (argc != 2) {
+    std::fprintf(stderr, "usage: make_seeds DIR\n");
+    return 2;
+  }
+  g_dir = argv[1];
+  ::mkdir(g_dir.c_str(), 0755);
+  try {
+    shards();
+    models();
+    states();
+    tokenizers();
+    command_lines();
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "make_seeds: %s\n", e.what());
+    return 1;
+  }
+  return 0;
+}
