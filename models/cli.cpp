@@ -1,6 +1,7 @@
 #include "models/cli.h"
 
 #include <cerrno>
+#include <climits>
 #include <cmath>
 #include <cstdlib>
 
@@ -88,6 +89,14 @@ long long Options::get_int(const std::string& name) const {
   if (v.empty() || *end != '\0' || errno == ERANGE)
     throw Error("remat " + command_ + ": --" + name + " expects an integer, got '" + v + "'");
   return x;
+}
+
+int Options::get_count(const std::string& name) const {
+  const long long x = get_int(name);
+  if (x < 0 || x > INT_MAX)
+    throw Error("remat " + command_ + ": --" + name + " must be between 0 and " +
+                std::to_string(INT_MAX) + ", got " + std::to_string(x));
+  return static_cast<int>(x);
 }
 
 double Options::get_double(const std::string& name) const {

@@ -24,7 +24,10 @@ class Options {
   bool given(const std::string& name) const;
   bool get_bool(const std::string& name) const;
   long long get_int(const std::string& name) const;  // Error naming the option if not an integer
-  double get_double(const std::string& name) const;  // Error naming the option if not a number
+  double get_double(const std::string& name) const;
+  // A non-negative int (a size or a count): Error naming the option when it is not an
+  // integer in [0, INT_MAX], so a huge value is never silently cut down.
+  int get_count(const std::string& name) const;  // Error naming the option if not a number
   const std::vector<std::string>& positional() const { return positional_; }
 
  private:

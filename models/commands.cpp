@@ -1,7 +1,9 @@
 // The remat subcommands train, prepare and sample.
+#include <glob.h>
 #include <sys/stat.h>
 
 #include <atomic>
+#include <cerrno>
 #include <chrono>
 #include <cmath>
 #include <csignal>
@@ -109,6 +111,40 @@ void check_fits_in_memory(const GPT2Config& c, int B, int T, const Plan& plan,
       msg += "; the weights and optimizer state alone do not fit: choose a smaller model";
   }
   throw Error(msg);
+}
+
+// Creates the checkpoint directory (and its parents) and proves it writable before the first
+// step, so a bad --out is found now rather than hours later at the first save. Removes
+// temporary files that a killed earlier run left behind (their writer is gone).
+void prepare_out_dir(const std::string& out) {
+  std::string partial;
+  for (size_t i = 0; i <= out.size(); i++) {
+    if (i == out.size() || (out[i] == '/' && i > 0)) {
+      partial = out.substr(0, i);
+      if (::mkdir(partial.c_str(), 0755) != 0 && errno != EEXIST)
+        throw Error(partial + ": cannot create the checkpoint directory (--out): " +
+                    std::strerror(errno));
+    }
+  }
+  const std::string probe = out + "/.remat_write_test." + std::to_string(::getpid());
+  FILE* f = std::fopen(probe.c_str(), "wb");
+  if (!f)
+    throw Error(out + ": the checkpoint directory (--out) is not writable: " + std::strerror(errno));
+  std::fclose(f);
+  std::remove(probe.c_str());
+  for (const char* name : {"state.bin", "model.bin"}) {
+    glob_t g;
+    const std::string pattern = out + "/" + name + ".tmp.*";
+    if (::glob(pattern.c_str(), 0, nullptr, &g) == 0) {
+      for (size_t i = 0; i < g.gl_pathc; i++) {
+        const std::string path = g.gl_pathv[i];
+        const long pid = std::atol(path.substr(path.rfind('.') + 1).c_str());
+        if (pid > 0 && ::kill(static_cast<pid_t>(pid), 0) != 0 && errno == ESRCH)
+          std::remove(path.c_str());
+      }
+    }
+    ::globfree(&g);
+  }
 }
 
 std::string json_num(double x) {
@@ -245,7 +281,7 @@ int cmd_train(int argc, const char* const* argv) {
     c = mf.config;
     params = std::move(mf.params);
   } else {
-    int vocab = static_cast<int>(o.get_int("vocab"));
+    int vocab = o.get_count("vocab");
     if (vocab <= 0 && is_small_preset(model)) {
       REMAT_CHECK(tok != nullptr, "preset '" + model + "' takes its vocabulary from the "
                                   "tokenizer: pass --tokenizer or --vocab");
@@ -253,7 +289,7 @@ int cmd_train(int argc, const char* const* argv) {
     }
     c = preset_config(model, vocab);
   }
-  const int B = static_cast<int>(o.get_int("batch")), T = static_cast<int>(o.get_int("seq"));
+  const int B = o.get_count("batch"), T = o.get_count("seq");
   REMAT_CHECK(B > 0 && T > 0, "--batch and --seq must be positive");
   REMAT_CHECK(T <= c.max_seq_len, "--seq " + std::to_string(T) + " is longer than the model's "
                                   "maximum sequence length " + std::to_string(c.max_seq_len));
@@ -266,7 +302,7 @@ int cmd_train(int argc, const char* const* argv) {
 
   Hyper h;
   h.lr = static_cast<float>(o.get_double("lr"));
-  h.warmup = static_cast<int>(o.get_int("warmup"));
+  h.warmup = o.get_count("warmup");
   const std::string sched = o.get("schedule");
   REMAT_CHECK(sched == "constant" || sched == "cosine",
               "--schedule must be constant or cosine, got '" + sched + "'");
@@ -277,12 +313,12 @@ int cmd_train(int argc, const char* const* argv) {
   h.beta2 = static_cast<float>(o.get_double("beta2"));
   h.eps = static_cast<float>(o.get_double("eps"));
   h.grad_clip = static_cast<float>(o.get_double("grad-clip"));
-  const int steps = static_cast<int>(o.get_int("steps"));
+  const int steps = o.get_count("steps");
   REMAT_CHECK(steps >= 0, "--steps must be >= 0");
   h.total_steps = steps;
 
   ScheduleOptions so;
-  so.lookahead = static_cast<int>(o.get_int("lookahead"));
+  so.lookahead = o.get_count("lookahead");
   so.verify_recompute = o.get_bool("verify-recompute");
   Plan plan = make_plan(o.get("recompute"), c, B, T, ActDType::kFP32, so, CostModel{});
   check_fits_in_memory(c, B, T, plan, so, o.get("recompute"));
@@ -304,15 +340,16 @@ int cmd_train(int argc, const char* const* argv) {
   const std::string resume = o.get("resume");
   if (!resume.empty()) {
     TrainState st = load_train_state(resume);
+    check_model_matches(c, st.config, resume);
     tr.restore(st);
     train.restore(st.loader);
     std::printf("resumed from %s at step %lld\n", resume.c_str(), (long long)st.step);
   }
 
   const std::string out = o.get("out");
+  if (!out.empty()) prepare_out_dir(out);
   auto save = [&]() {
     if (out.empty()) return;
-    ::mkdir(out.c_str(), 0755);
     save_train_state(out + "/state.bin", tr.state(train));
     write_llmc_model(out + "/model.bin", c, tr.params().data(), 3);
     std::printf("checkpoint: %s/state.bin, %s/model.bin (step %lld)\n", out.c_str(), out.c_str(),
@@ -375,11 +412,11 @@ int cmd_train(int argc, const char* const* argv) {
               "block activations rebuilt)\n",
               B, T, accum, total, steps, plan.spec.c_str(), plan.num_recomputed(),
               c.num_layers * kNumActKinds);
-  const int eval_every = static_cast<int>(o.get_int("eval-every"));
-  const int eval_batches = static_cast<int>(o.get_int("eval-batches"));
-  const int sample_every = static_cast<int>(o.get_int("sample-every"));
-  const int sample_n = static_cast<int>(o.get_int("sample-tokens"));
-  const int max_bad = static_cast<int>(o.get_int("max-bad-steps"));
+  const int eval_every = o.get_count("eval-every");
+  const int eval_batches = o.get_count("eval-batches");
+  const int sample_every = o.get_count("sample-every");
+  const int sample_n = o.get_count("sample-tokens");
+  const int max_bad = o.get_count("max-bad-steps");
   auto do_eval = [&](int64_t step) {
     if (!val) return;
     float vl = tr.evaluate(*val, eval_batches);
@@ -463,8 +500,9 @@ int cmd_train(int argc, const char* const* argv) {
     }
     if (eval_every > 0 && s % eval_every == 0 && s != steps) do_eval(s);
     if (sample_every > 0 && s % sample_every == 0 && s != steps) do_sample(s);
-    const int ckpt_every = static_cast<int>(o.get_int("ckpt-every"));
-    if (ckpt_every > 0 && s % ckpt_every == 0 && s != steps) save();
+    const int ckpt_every = o.get_count("ckpt-every");
+    // No checkpoint during a streak of skipped steps: the last good one stays as it is.
+    if (ckpt_every > 0 && s % ckpt_every == 0 && s != steps && bad == 0) save();
   }
   finish_trace();  // a run that stopped inside the traced steps
   if (exit_code == 0) {
@@ -490,7 +528,7 @@ int cmd_prepare(int argc, const char* const* argv) {
   std::vector<std::string> inputs = o.positional();
   if (inputs.empty()) inputs.push_back(kDefaultCorpusDir);
   auto t0 = std::chrono::steady_clock::now();
-  PrepareResult r = prepare_corpus(inputs, o.get("out"), static_cast<int>(o.get_int("vocab")),
+  PrepareResult r = prepare_corpus(inputs, o.get("out"), o.get_count("vocab"),
                                    o.get_double("val-fraction"));
   double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   std::printf("prepared %lld documents: %lld train tokens (%s), %lld val tokens (%s), "
@@ -530,7 +568,7 @@ int cmd_sample(int argc, const char* const* argv) {
     REMAT_CHECK(t >= 0 && t < mf.config.vocab_size, "prompt token " + std::to_string(t) +
                                                         " is past the model's vocabulary");
   std::vector<int> gen = sample_tokens(mf.config, mf.params.data(), prompt,
-                                       static_cast<int>(o.get_int("tokens")),
+                                       o.get_count("tokens"),
                                        static_cast<float>(o.get_double("temperature")),
                                        static_cast<uint64_t>(o.get_int("seed")), 0);
   std::string outtext = text;

@@ -218,14 +218,18 @@ void Tracer::place_memory(const std::vector<TraceRecord>& records,
     }
     std::stable_sort(changes.begin(), changes.end(),
                      [](const Change& a, const Change& b) { return a.ts < b.ts; });
+    // Activations and workspace are summed apart and each clamped at zero: moving a free
+    // to the end of the op before it can place it ahead of its own alloc when no op was
+    // launched in between, and the curve must still never show activations above live.
     int64_t last = base.host_ns;
+    int64_t work = live - act;
     for (const Change& c : changes) {
-      live += c.live;
       act += c.activations;
+      work += c.live - c.activations;
       last = std::max(last, c.ts);
-      out->push_back(MemorySample{c.host_ns, last,
-                                  static_cast<uint64_t>(std::max<int64_t>(live, 0)),
-                                  static_cast<uint64_t>(std::max<int64_t>(act, 0))});
+      const uint64_t a = static_cast<uint64_t>(std::max<int64_t>(act, 0));
+      const uint64_t w = static_cast<uint64_t>(std::max<int64_t>(work, 0));
+      out->push_back(MemorySample{c.host_ns, last, a + w, a});
     }
   }
 }
