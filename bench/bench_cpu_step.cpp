@@ -2,7 +2,9 @@
 // the same step with plain OpenMP-loop GEMMs. Correctness first: the two steps' losses must
 // agree to fp32 rounding before any time is reported.
 //   bench_cpu_step [--steps N] [--batch B] [--seq T] [--write FILE.md]
+#ifdef _OPENMP
 #include <omp.h>
+#endif
 
 #include <chrono>
 #include <cmath>
@@ -62,7 +64,11 @@ int main(int argc, char** argv) {
   std::vector<uint16_t> tok(size_t(B) * T * (2 * steps + 4) + 1);
   for (size_t i = 0; i < tok.size(); i++) tok[i] = static_cast<uint16_t>((i * 7919) % c.vocab_size);
   write_shard(dir + "/d.bin", tok.data(), tok.size());
+#ifdef _OPENMP
   const int threads = omp_get_max_threads();
+#else
+  const int threads = 1;
+#endif
   std::printf("GPT-2 124M, B=%d T=%d, %d OpenMP threads, %d timed steps\n", B, T, threads, steps);
   Timing fast = run(c, dir + "/d.bin", B, T, steps, false);
   Timing slow = run(c, dir + "/d.bin", B, T, std::max(1, steps / 3), true);
