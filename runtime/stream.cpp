@@ -39,13 +39,16 @@
 #include "profiling/trace_sink.h"
 
 namespace remat {
-namespace {
 
-int64_t now_ns() {
+int64_t steady_now_ns() {
   return std::chrono::duration_cast<std::chrono::nanoseconds>(
              std::chrono::steady_clock::now().time_since_epoch())
       .count();
 }
+
+namespace {
+
+int64_t now_ns() { return steady_now_ns(); }
 
 class CpuStream final : public Stream {
  public:

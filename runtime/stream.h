@@ -78,6 +78,9 @@ class Stream {
   int id_;
 };
 
+// Nanoseconds on the steady clock: the time base of every OpRecord and trace sample.
+int64_t steady_now_ns();
+
 // A CPU stream: one named worker thread (visible as `name` in debuggers and profilers).
 std::unique_ptr<Stream> make_cpu_stream(const std::string& name, int id);
 
