@@ -6,12 +6,13 @@
 #include <omp.h>
 #endif
 
+#include <unistd.h>
+
 #include <chrono>
 #include <cmath>
 #include <cstdio>
 #include <cstring>
 #include <string>
-#include <unistd.h>
 
 #include "kernels/gemm.h"
 #include "models/params.h"
@@ -47,7 +48,8 @@ Timing run(const GPT2Config& c, const std::string& shard, int B, int T, int step
   for (int s = 0; s < steps; s++) {
     auto t0 = std::chrono::steady_clock::now();
     tr.step(data);
-    double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+    double ms =
+        std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
     t.ms_min = std::min(t.ms_min, ms);
     t.ms_mean += ms / steps;
   }
@@ -61,10 +63,14 @@ int main(int argc, char** argv) {
   std::string write;
   for (int i = 1; i + 1 < argc; i += 2) {
     std::string a = argv[i];
-    if (a == "--steps") steps = std::atoi(argv[i + 1]);
-    else if (a == "--batch") B = std::atoi(argv[i + 1]);
-    else if (a == "--seq") T = std::atoi(argv[i + 1]);
-    else if (a == "--write") write = argv[i + 1];
+    if (a == "--steps")
+      steps = std::atoi(argv[i + 1]);
+    else if (a == "--batch")
+      B = std::atoi(argv[i + 1]);
+    else if (a == "--seq")
+      T = std::atoi(argv[i + 1]);
+    else if (a == "--write")
+      write = argv[i + 1];
   }
   GPT2Config c = preset_config("gpt2");
   char tmpl[] = "/tmp/remat_bench_XXXXXX";
@@ -84,23 +90,31 @@ int main(int argc, char** argv) {
   rmdir(dir.c_str());
   const float rel = std::fabs(fast.loss - slow.loss) / std::fabs(slow.loss);
   if (!(rel < 1e-4f)) {
-    std::fprintf(stderr, "FAIL: losses disagree: blocked %.6f vs naive %.6f\n", fast.loss, slow.loss);
+    std::fprintf(stderr, "FAIL: losses disagree: blocked %.6f vs naive %.6f\n", fast.loss,
+                 slow.loss);
     return 1;
   }
   const double flops = 6.0 * num_params(c) * B * T + 6.0 * c.num_layers * c.channels * T * B * T;
   std::printf("check: first-step loss %.6f (blocked) vs %.6f (naive): ok\n", fast.loss, slow.loss);
   std::printf("%-28s %10s %10s %12s\n", "GEMM", "min ms", "mean ms", "GFLOP/s");
-  std::printf("%-28s %10.0f %10.0f %12.1f\n", "remat blocked sgemm", fast.ms_min, fast.ms_mean, flops / fast.ms_min / 1e6);
-  std::printf("%-28s %10.0f %10.0f %12.1f\n", "plain OpenMP loops", slow.ms_min, slow.ms_mean, flops / slow.ms_min / 1e6);
+  std::printf("%-28s %10.0f %10.0f %12.1f\n", "remat blocked sgemm", fast.ms_min, fast.ms_mean,
+              flops / fast.ms_min / 1e6);
+  std::printf("%-28s %10.0f %10.0f %12.1f\n", "plain OpenMP loops", slow.ms_min, slow.ms_mean,
+              flops / slow.ms_min / 1e6);
   std::printf("speed-up: %.2fx\n", slow.ms_min / fast.ms_min);
   if (!write.empty()) {
     FILE* f = std::fopen(write.c_str(), "w");
     if (!f) return 1;
-    std::fprintf(f, "| step (GPT-2 124M, B=%d, T=%d, %d threads, fp32) | min ms | mean ms | GFLOP/s |\n", B, T, threads);
+    std::fprintf(
+        f, "| step (GPT-2 124M, B=%d, T=%d, %d threads, fp32) | min ms | mean ms | GFLOP/s |\n", B,
+        T, threads);
     std::fprintf(f, "| --- | --- | --- | --- |\n");
-    std::fprintf(f, "| remat blocked sgemm | %.0f | %.0f | %.1f |\n", fast.ms_min, fast.ms_mean, flops / fast.ms_min / 1e6);
-    std::fprintf(f, "| plain OpenMP loops | %.0f | %.0f | %.1f |\n", slow.ms_min, slow.ms_mean, flops / slow.ms_min / 1e6);
-    std::fprintf(f, "\nspeed-up %.2fx; first-step losses %.6f vs %.6f\n", slow.ms_min / fast.ms_min, fast.loss, slow.loss);
+    std::fprintf(f, "| remat blocked sgemm | %.0f | %.0f | %.1f |\n", fast.ms_min, fast.ms_mean,
+                 flops / fast.ms_min / 1e6);
+    std::fprintf(f, "| plain OpenMP loops | %.0f | %.0f | %.1f |\n", slow.ms_min, slow.ms_mean,
+                 flops / slow.ms_min / 1e6);
+    std::fprintf(f, "\nspeed-up %.2fx; first-step losses %.6f vs %.6f\n", slow.ms_min / fast.ms_min,
+                 fast.loss, slow.loss);
     std::fclose(f);
   }
   return 0;

@@ -15,8 +15,8 @@ inline long classifier_workspace_floats(int chunk_rows, int Vp) {
 //   dx (N, C) = dlogits @ wte (overwritten), dwte (Vp, C) += dlogits^T @ x.
 // targets must already be checked < V. workspace: classifier_workspace_floats(chunk_rows, Vp).
 float classifier_forward_backward(float* losses, float* dx, float* dwte, const float* x,
-                                  const float* wte, const int* targets, int N, int C, int V,
-                                  int Vp, float dloss, float* workspace, int chunk_rows);
+                                  const float* wte, const int* targets, int N, int C, int V, int Vp,
+                                  float dloss, float* workspace, int chunk_rows);
 
 // Logits of one row set without the loss (sampling): logits (N, Vp) overwritten, columns
 // >= V set to -inf.

@@ -60,8 +60,10 @@ std::string Options::help() const {
   for (const std::string& n : order_) {
     const Opt& o = opts_.at(n);
     std::string left = "  --" + n + (o.is_flag ? "" : " VALUE");
-    if (left.size() < 28) left.resize(28, ' ');
-    else left += "  ";
+    if (left.size() < 28)
+      left.resize(28, ' ');
+    else
+      left += "  ";
     s += left + o.help;
     if (!o.is_flag && !o.def.empty()) s += " (default: " + o.def + ")";
     s += "\n";
@@ -78,8 +80,12 @@ std::string Options::get(const std::string& name) const {
   return o->second.def;
 }
 
-bool Options::given(const std::string& name) const { return values_.count(name) != 0; }
-bool Options::get_bool(const std::string& name) const { return !get(name).empty(); }
+bool Options::given(const std::string& name) const {
+  return values_.count(name) != 0;
+}
+bool Options::get_bool(const std::string& name) const {
+  return !get(name).empty();
+}
 
 long long Options::get_int(const std::string& name) const {
   std::string v = get(name);

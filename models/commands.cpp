@@ -1,6 +1,7 @@
 // The remat subcommands train, prepare and sample.
 #include <glob.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
 #include <atomic>
 #include <cerrno>
@@ -10,7 +11,6 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
-#include <unistd.h>
 
 #include "kernels/classifier.h"
 #include "kernels/common.h"
@@ -92,10 +92,13 @@ void check_fits_in_memory(const GPT2Config& c, int B, int T, const Plan& plan,
   if (avail == 0) return;
   const uint64_t need = host_bytes_needed(c, B, T, plan, so);
   if (need <= avail) return;
-  std::string msg = "this run needs " + format_bytes(need) + " of memory (weights, gradients and "
-                    "AdamW state " + format_bytes(16ull * num_params(c)) + ", activations and "
-                    "workspace with --recompute " + policy + " " +
-                    format_bytes(need - 16ull * num_params(c)) + ") but only " +
+  std::string msg = "this run needs " + format_bytes(need) +
+                    " of memory (weights, gradients and "
+                    "AdamW state " +
+                    format_bytes(16ull * num_params(c)) +
+                    ", activations and "
+                    "workspace with --recompute " +
+                    policy + " " + format_bytes(need - 16ull * num_params(c)) + ") but only " +
                     format_bytes(avail) + " is available";
   Plan full = parse_plan("full", c.num_layers);
   const uint64_t need_full = host_bytes_needed(c, B, T, full, so);
@@ -122,14 +125,15 @@ void prepare_out_dir(const std::string& out) {
     if (i == out.size() || (out[i] == '/' && i > 0)) {
       partial = out.substr(0, i);
       if (::mkdir(partial.c_str(), 0755) != 0 && errno != EEXIST)
-        throw Error(partial + ": cannot create the checkpoint directory (--out): " +
-                    std::strerror(errno));
+        throw Error(partial +
+                    ": cannot create the checkpoint directory (--out): " + std::strerror(errno));
     }
   }
   const std::string probe = out + "/.remat_write_test." + std::to_string(::getpid());
   FILE* f = std::fopen(probe.c_str(), "wb");
   if (!f)
-    throw Error(out + ": the checkpoint directory (--out) is not writable: " + std::strerror(errno));
+    throw Error(out +
+                ": the checkpoint directory (--out) is not writable: " + std::strerror(errno));
   std::fclose(f);
   std::remove(probe.c_str());
   for (const char* name : {"state.bin", "model.bin"}) {
@@ -196,13 +200,19 @@ std::vector<int> sample_tokens(const GPT2Config& c, const float* params,
 }
 
 int cmd_train(int argc, const char* const* argv) {
-  Options o("train", "Train a GPT-2 model. With no --data it trains on Debian's fortunes corpus,\n"
-                     "prepared on first use into " + std::string(kDefaultDataDir) + ".");
-  o.add("model", "mini", "a preset (" + [] {
-          std::string s;
-          for (auto& n : preset_names()) s += (s.empty() ? "" : ", ") + n;
-          return s;
-        }() + ") or an llm.c checkpoint file (.bin)")
+  Options o("train",
+            "Train a GPT-2 model. With no --data it trains on Debian's fortunes corpus,\n"
+            "prepared on first use into " +
+                std::string(kDefaultDataDir) + ".");
+  o.add(
+       "model", "mini",
+       "a preset (" +
+           [] {
+             std::string s;
+             for (auto& n : preset_names()) s += (s.empty() ? "" : ", ") + n;
+             return s;
+           }() +
+           ") or an llm.c checkpoint file (.bin)")
       .add("data", "", "glob of training shards (llm.c format)")
       .add("val-data", "", "glob of validation shards")
       .add("tokenizer", "", "tokenizer file for samples (default: tokenizer.bin beside the data)")
@@ -247,7 +257,8 @@ int cmd_train(int argc, const char* const* argv) {
     std::printf("%s", o.help().c_str());
     return 0;
   }
-  REMAT_CHECK(o.positional().empty(), "remat train: unexpected argument '" + o.positional()[0] + "'");
+  REMAT_CHECK(o.positional().empty(),
+              "remat train: unexpected argument '" + o.positional()[0] + "'");
 
   // Device.
   const std::string device = o.get("device");
@@ -283,21 +294,24 @@ int cmd_train(int argc, const char* const* argv) {
   } else {
     int vocab = o.get_count("vocab");
     if (vocab <= 0 && is_small_preset(model)) {
-      REMAT_CHECK(tok != nullptr, "preset '" + model + "' takes its vocabulary from the "
-                                  "tokenizer: pass --tokenizer or --vocab");
+      REMAT_CHECK(tok != nullptr, "preset '" + model +
+                                      "' takes its vocabulary from the "
+                                      "tokenizer: pass --tokenizer or --vocab");
       vocab = tok->vocab_size();
     }
     c = preset_config(model, vocab);
   }
   const int B = o.get_count("batch"), T = o.get_count("seq");
   REMAT_CHECK(B > 0 && T > 0, "--batch and --seq must be positive");
-  REMAT_CHECK(T <= c.max_seq_len, "--seq " + std::to_string(T) + " is longer than the model's "
-                                  "maximum sequence length " + std::to_string(c.max_seq_len));
+  REMAT_CHECK(T <= c.max_seq_len, "--seq " + std::to_string(T) +
+                                      " is longer than the model's "
+                                      "maximum sequence length " +
+                                      std::to_string(c.max_seq_len));
   long long total = o.get_int("total-batch");
   if (total <= 0) total = (long long)B * T;
-  REMAT_CHECK(total % ((long long)B * T) == 0, "--total-batch " + std::to_string(total) +
-                                                   " is not a multiple of B*T = " +
-                                                   std::to_string((long long)B * T));
+  REMAT_CHECK(total % ((long long)B * T) == 0,
+              "--total-batch " + std::to_string(total) +
+                  " is not a multiple of B*T = " + std::to_string((long long)B * T));
   const int accum = static_cast<int>(total / ((long long)B * T));
 
   Hyper h;
@@ -329,7 +343,8 @@ int cmd_train(int argc, const char* const* argv) {
 
   DataLoader train(train_pat, B, T, c.vocab_size, o.get_bool("shuffle"), seed);
   std::unique_ptr<DataLoader> val;
-  if (!val_pat.empty()) val = std::make_unique<DataLoader>(val_pat, B, T, c.vocab_size, false, seed);
+  if (!val_pat.empty())
+    val = std::make_unique<DataLoader>(val_pat, B, T, c.vocab_size, false, seed);
 
   Trainer tr(c, B, T, accum, h, plan, so, std::move(params));
   if (const char* e = std::getenv("REMAT_TEST_NAN_STEPS")) {  // test-only: "A" or "A-B"
@@ -405,13 +420,13 @@ int cmd_train(int argc, const char* const* argv) {
   };
 
   const uint64_t P = num_params(c);
-  std::printf("model: L=%d C=%d NH=%d V=%d (padded %d) maxT=%d, %.2fM parameters\n",
-              c.num_layers, c.channels, c.num_heads, c.vocab_size, c.padded_vocab,
-              c.max_seq_len, P / 1e6);
-  std::printf("batch: B=%d T=%d x %d micro-steps = %lld tokens/step, %d steps, recompute %s (%d of %d "
-              "block activations rebuilt)\n",
-              B, T, accum, total, steps, plan.spec.c_str(), plan.num_recomputed(),
-              c.num_layers * kNumActKinds);
+  std::printf("model: L=%d C=%d NH=%d V=%d (padded %d) maxT=%d, %.2fM parameters\n", c.num_layers,
+              c.channels, c.num_heads, c.vocab_size, c.padded_vocab, c.max_seq_len, P / 1e6);
+  std::printf(
+      "batch: B=%d T=%d x %d micro-steps = %lld tokens/step, %d steps, recompute %s (%d of %d "
+      "block activations rebuilt)\n",
+      B, T, accum, total, steps, plan.spec.c_str(), plan.num_recomputed(),
+      c.num_layers * kNumActKinds);
   const int eval_every = o.get_count("eval-every");
   const int eval_batches = o.get_count("eval-batches");
   const int sample_every = o.get_count("sample-every");
@@ -421,12 +436,15 @@ int cmd_train(int argc, const char* const* argv) {
     if (!val) return;
     float vl = tr.evaluate(*val, eval_batches);
     std::printf("step %lld/%d | val loss %.4f\n", (long long)step, steps, vl);
-    if (log) std::fprintf(log, "{\"step\":%lld,\"val_loss\":%s}\n", (long long)step, json_num(vl).c_str());
+    if (log)
+      std::fprintf(log, "{\"step\":%lld,\"val_loss\":%s}\n", (long long)step, json_num(vl).c_str());
   };
   auto do_sample = [&](int64_t step) {
     if (sample_n <= 0) return;
-    int start = tok && tok->eot_token() >= 0 && tok->eot_token() < c.vocab_size ? tok->eot_token() : 0;
-    std::vector<int> gen = sample_tokens(c, tr.params().data(), {start}, sample_n, 1.0f, seed, 1000 + step);
+    int start =
+        tok && tok->eot_token() >= 0 && tok->eot_token() < c.vocab_size ? tok->eot_token() : 0;
+    std::vector<int> gen =
+        sample_tokens(c, tr.params().data(), {start}, sample_n, 1.0f, seed, 1000 + step);
     std::string text;
     if (tok) {
       for (int t : gen) text += t == tok->eot_token() ? std::string("\n---\n") : tok->decode(t);
@@ -462,23 +480,26 @@ int cmd_train(int argc, const char* const* argv) {
       traced_steps++;
     }
     const uint64_t peak = tr.runner().stats().peak_bytes + 16 * P;
-    std::printf("step %lld/%d | loss %.4f | norm %.4f | lr %.2e | %.1f ms | %.0f tok/s | peak %s%s\n",
-                (long long)s, steps, r.loss, r.grad_norm, r.lr, ms, total / (ms / 1000.0),
-                format_bytes(peak).c_str(), r.skipped ? " | SKIPPED" : "");
+    std::printf(
+        "step %lld/%d | loss %.4f | norm %.4f | lr %.2e | %.1f ms | %.0f tok/s | peak %s%s\n",
+        (long long)s, steps, r.loss, r.grad_norm, r.lr, ms, total / (ms / 1000.0),
+        format_bytes(peak).c_str(), r.skipped ? " | SKIPPED" : "");
     if (log) {
-      std::fprintf(log,
-                   "{\"step\":%lld,\"loss\":%s,\"grad_norm\":%s,\"lr\":%s,\"ms\":%.3f,\"tokens_per_s\":%.1f,"
-                   "\"peak_bytes\":%llu,\"activation_peak_bytes\":%llu,\"skipped\":%s}\n",
-                   (long long)s, json_num(r.loss).c_str(), json_num(r.grad_norm).c_str(),
-                   json_num(r.lr).c_str(), ms, total / (ms / 1000.0), (unsigned long long)peak,
-                   (unsigned long long)tr.runner().stats().peak_by_usage[0], r.skipped ? "true" : "false");
+      std::fprintf(
+          log,
+          "{\"step\":%lld,\"loss\":%s,\"grad_norm\":%s,\"lr\":%s,\"ms\":%.3f,\"tokens_per_s\":%.1f,"
+          "\"peak_bytes\":%llu,\"activation_peak_bytes\":%llu,\"skipped\":%s}\n",
+          (long long)s, json_num(r.loss).c_str(), json_num(r.grad_norm).c_str(),
+          json_num(r.lr).c_str(), ms, total / (ms / 1000.0), (unsigned long long)peak,
+          (unsigned long long)tr.runner().stats().peak_by_usage[0], r.skipped ? "true" : "false");
       std::fflush(log);
     }
     if (traced && s == trace_last) finish_trace();
     std::fflush(stdout);
     if (r.skipped) {
       bad++;
-      std::fprintf(stderr, "step %lld: non-finite loss (%g) or gradient norm (%g): update skipped\n",
+      std::fprintf(stderr,
+                   "step %lld: non-finite loss (%g) or gradient norm (%g): update skipped\n",
                    (long long)s, r.loss, r.grad_norm);
       if (bad >= max_bad) {
         std::fprintf(stderr,
@@ -519,8 +540,9 @@ int cmd_prepare(int argc, const char* const* argv) {
             "Turn text files (or directories of them) into llm.c token shards and a tokenizer.\n"
             "usage: remat prepare [options] [INPUT...]   (default input: " +
                 std::string(kDefaultCorpusDir) + ")");
-  o.add("out", kDefaultDataDir, "output directory").add("vocab", "512", "vocabulary size").add(
-      "val-fraction", "0.05", "share of documents kept for validation");
+  o.add("out", kDefaultDataDir, "output directory")
+      .add("vocab", "512", "vocabulary size")
+      .add("val-fraction", "0.05", "share of documents kept for validation");
   if (!o.parse(argc, argv, 0)) {
     std::printf("%s", o.help().c_str());
     return 0;
@@ -528,14 +550,14 @@ int cmd_prepare(int argc, const char* const* argv) {
   std::vector<std::string> inputs = o.positional();
   if (inputs.empty()) inputs.push_back(kDefaultCorpusDir);
   auto t0 = std::chrono::steady_clock::now();
-  PrepareResult r = prepare_corpus(inputs, o.get("out"), o.get_count("vocab"),
-                                   o.get_double("val-fraction"));
+  PrepareResult r =
+      prepare_corpus(inputs, o.get("out"), o.get_count("vocab"), o.get_double("val-fraction"));
   double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-  std::printf("prepared %lld documents: %lld train tokens (%s), %lld val tokens (%s), "
-              "tokenizer %s (vocab %d) in %.1f s\n",
-              (long long)r.documents, (long long)r.train_tokens, r.train_pattern.c_str(),
-              (long long)r.val_tokens, r.val_pattern.c_str(), r.tokenizer_path.c_str(),
-              r.vocab_size, s);
+  std::printf(
+      "prepared %lld documents: %lld train tokens (%s), %lld val tokens (%s), "
+      "tokenizer %s (vocab %d) in %.1f s\n",
+      (long long)r.documents, (long long)r.train_tokens, r.train_pattern.c_str(),
+      (long long)r.val_tokens, r.val_pattern.c_str(), r.tokenizer_path.c_str(), r.vocab_size, s);
   return 0;
 }
 
@@ -565,10 +587,9 @@ int cmd_sample(int argc, const char* const* argv) {
   }
   if (prompt.empty()) prompt.push_back(tok && tok->eot_token() >= 0 ? tok->eot_token() : 0);
   for (int t : prompt)
-    REMAT_CHECK(t >= 0 && t < mf.config.vocab_size, "prompt token " + std::to_string(t) +
-                                                        " is past the model's vocabulary");
-  std::vector<int> gen = sample_tokens(mf.config, mf.params.data(), prompt,
-                                       o.get_count("tokens"),
+    REMAT_CHECK(t >= 0 && t < mf.config.vocab_size,
+                "prompt token " + std::to_string(t) + " is past the model's vocabulary");
+  std::vector<int> gen = sample_tokens(mf.config, mf.params.data(), prompt, o.get_count("tokens"),
                                        static_cast<float>(o.get_double("temperature")),
                                        static_cast<uint64_t>(o.get_int("seed")), 0);
   std::string outtext = text;

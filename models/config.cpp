@@ -12,11 +12,16 @@ struct Preset {
   bool small;
 };
 constexpr Preset kPresets[] = {
-    {"gpt2", 12, 12, 768, 1024, false},       {"gpt2-medium", 24, 16, 1024, 1024, false},
-    {"gpt2-large", 36, 20, 1280, 1024, false}, {"gpt2-xl", 48, 25, 1600, 1024, false},
-    {"d12", 12, 12, 768, 1024, false},         {"d24", 24, 16, 1024, 1024, false},
-    {"d36", 36, 20, 1280, 1024, false},        {"d48", 48, 25, 1600, 1024, false},
-    {"tiny", 2, 2, 32, 64, true},              {"mini", 4, 4, 128, 128, true},
+    {"gpt2", 12, 12, 768, 1024, false},
+    {"gpt2-medium", 24, 16, 1024, 1024, false},
+    {"gpt2-large", 36, 20, 1280, 1024, false},
+    {"gpt2-xl", 48, 25, 1600, 1024, false},
+    {"d12", 12, 12, 768, 1024, false},
+    {"d24", 24, 16, 1024, 1024, false},
+    {"d36", 36, 20, 1280, 1024, false},
+    {"d48", 48, 25, 1600, 1024, false},
+    {"tiny", 2, 2, 32, 64, true},
+    {"mini", 4, 4, 128, 128, true},
     {"small", 6, 6, 192, 256, true},
 };
 }  // namespace

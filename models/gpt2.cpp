@@ -18,28 +18,42 @@
 
 namespace remat {
 
-int act_bytes(ActDType t) { return t == ActDType::kBF16 ? 2 : 4; }
+int act_bytes(ActDType t) {
+  return t == ActDType::kBF16 ? 2 : 4;
+}
 
 namespace {
 
 constexpr int kNumKinds = kNumActKinds;
 using K = ActKind;
-inline int ki(K k) { return static_cast<int>(k); }
-size_t align_up(size_t n) { return (n + Arena::kAlign - 1) / Arena::kAlign * Arena::kAlign; }
+inline int ki(K k) {
+  return static_cast<int>(k);
+}
+size_t align_up(size_t n) {
+  return (n + Arena::kAlign - 1) / Arena::kAlign * Arena::kAlign;
+}
 
 }  // namespace
 
 KindLayout kind_layout(const GPT2Config& c, int N, int k) {
   const size_t n = N, C = c.channels;
   switch (static_cast<K>(k)) {
-    case K::kLN1: return {n * C, 2 * n, "ln1", "ln1.mean_rstd"};
-    case K::kQKV: return {n * 3 * C, 0, "qkv", ""};
-    case K::kAttn: return {n * C, n * c.num_heads, "atty", "attn.lse"};
-    case K::kR2: return {n * C, 0, "r2", ""};
-    case K::kLN2: return {n * C, 2 * n, "ln2", "ln2.mean_rstd"};
-    case K::kFCH: return {n * 4 * C, 0, "fch", ""};
-    case K::kGELU: return {n * 4 * C, 0, "gelu", ""};
-    default: break;
+    case K::kLN1:
+      return {n * C, 2 * n, "ln1", "ln1.mean_rstd"};
+    case K::kQKV:
+      return {n * 3 * C, 0, "qkv", ""};
+    case K::kAttn:
+      return {n * C, n * c.num_heads, "atty", "attn.lse"};
+    case K::kR2:
+      return {n * C, 0, "r2", ""};
+    case K::kLN2:
+      return {n * C, 2 * n, "ln2", "ln2.mean_rstd"};
+    case K::kFCH:
+      return {n * 4 * C, 0, "fch", ""};
+    case K::kGELU:
+      return {n * 4 * C, 0, "gelu", ""};
+    default:
+      break;
   }
   throw Error("bad activation kind");
 }
@@ -122,12 +136,16 @@ struct GPT2Runner::Impl {
     if (side) side->synchronize();
   }
 
-  size_t kind_bytes(int k) const { return remat::kind_bytes(c, N, dtype, k); }
+  size_t kind_bytes(int k) const {
+    return remat::kind_bytes(c, N, dtype, k);
+  }
   Block alloc_kind(int l, int k, Stream* s, Phase ph) {
     (void)l;
     return arena->alloc(kind_bytes(k), s, ph, Usage::kActivation, layout[k].main_name);
   }
-  float* main_ptr(const Block& b) const { return b.f32(); }
+  float* main_ptr(const Block& b) const {
+    return b.f32();
+  }
   float* extra_ptr(const Block& b, int k) const {
     if (!b.ptr) return nullptr;
     return reinterpret_cast<float*>(static_cast<char*>(b.ptr) +
@@ -180,11 +198,14 @@ struct GPT2Runner::Impl {
     std::vector<char>* dst = &shadow[l][k];
     const Block b = acts[l][k];
     const size_t n = kind_bytes(k);
-    main->launch([dst, b, n] { dst->assign(static_cast<char*>(b.ptr), static_cast<char*>(b.ptr) + n); },
-                 "verify.save", l);
+    main->launch(
+        [dst, b, n] { dst->assign(static_cast<char*>(b.ptr), static_cast<char*>(b.ptr) + n); },
+        "verify.save", l);
   }
 
-  void free_kind(int l, int k, Stream* s) { arena->free(acts[l][k], s); }
+  void free_kind(int l, int k, Stream* s) {
+    arena->free(acts[l][k], s);
+  }
 
   // ---- forward ----
   // training = false: every activation is freed after its last forward use (evaluation).
@@ -210,8 +231,11 @@ struct GPT2Runner::Impl {
       float* out = main_ptr(acts[0][ki(K::kLN1)]);
       float* st = extra_ptr(acts[0][ki(K::kLN1)], ki(K::kLN1));
       const float* xin = x[0].f32();
-      s->launch([=] { cpu::layernorm_forward(out, st, st ? st + Nv : nullptr, xin, w.ln1w, w.ln1b, Nv, C); },
-                "fwd.ln1", 0);
+      s->launch(
+          [=] {
+            cpu::layernorm_forward(out, st, st ? st + Nv : nullptr, xin, w.ln1w, w.ln1b, Nv, C);
+          },
+          "fwd.ln1", 0);
     }
     for (int l = 0; l < L; l++) {
       NvtxRange nvtx_block("forward.block", l);
@@ -235,7 +259,8 @@ struct GPT2Runner::Impl {
       }
       Block tmp = alloc_nc(s, ph, Usage::kActivation, size_t(N) * C, "attproj");
       float* proj = tmp.f32();
-      s->launch([=] { cpu::matmul_forward(proj, atty, w.attprojw, w.attprojb, Nv, C, C); }, "fwd.attproj", l);
+      s->launch([=] { cpu::matmul_forward(proj, atty, w.attprojw, w.attprojb, Nv, C, C); },
+                "fwd.attproj", l);
       if (recomputed(l, K::kAttn, training)) {
         save_shadow(l, ki(K::kAttn));
         free_kind(l, ki(K::kAttn), s);
@@ -246,8 +271,12 @@ struct GPT2Runner::Impl {
       float* ln2 = main_ptr(A[ki(K::kLN2)]);
       float* st2 = extra_ptr(A[ki(K::kLN2)], ki(K::kLN2));
       const float* xin = x[l].f32();
-      s->launch([=] { cpu::residual_layernorm_forward(r2, ln2, st2, st2 ? st2 + Nv : nullptr, xin, proj, w.ln2w, w.ln2b, Nv, C); },
-                "fwd.residual_ln2", l);
+      s->launch(
+          [=] {
+            cpu::residual_layernorm_forward(r2, ln2, st2, st2 ? st2 + Nv : nullptr, xin, proj,
+                                            w.ln2w, w.ln2b, Nv, C);
+          },
+          "fwd.residual_ln2", l);
       arena->free(tmp, s);
       if (!training) arena->free(x[l], s);
       A[ki(K::kFCH)] = alloc_kind(l, ki(K::kFCH), s, ph);
@@ -267,7 +296,8 @@ struct GPT2Runner::Impl {
       }
       Block tmp2 = alloc_nc(s, ph, Usage::kActivation, size_t(N) * C, "fcproj");
       float* fcp = tmp2.f32();
-      s->launch([=] { cpu::matmul_forward(fcp, gelu, w.fcprojw, w.fcprojb, Nv, 4 * C, C); }, "fwd.fcproj", l);
+      s->launch([=] { cpu::matmul_forward(fcp, gelu, w.fcprojw, w.fcprojb, Nv, 4 * C, C); },
+                "fwd.fcproj", l);
       if (recomputed(l, K::kGELU, training)) {
         save_shadow(l, ki(K::kGELU));
         free_kind(l, ki(K::kGELU), s);
@@ -292,8 +322,12 @@ struct GPT2Runner::Impl {
         ln_out = lnf.f32();
         ln_st = extra_of(lnf, size_t(N) * C);
       }
-      s->launch([=] { cpu::residual_layernorm_forward(xn, ln_out, ln_st, ln_st ? ln_st + Nv : nullptr, r2, fcp, nw, nb, Nv, C); },
-                l + 1 < L ? "fwd.residual_ln1" : "fwd.residual_lnf", l);
+      s->launch(
+          [=] {
+            cpu::residual_layernorm_forward(xn, ln_out, ln_st, ln_st ? ln_st + Nv : nullptr, r2,
+                                            fcp, nw, nb, Nv, C);
+          },
+          l + 1 < L ? "fwd.residual_ln1" : "fwd.residual_lnf", l);
       arena->free(tmp2, s);
       if (recomputed(l, K::kR2, training)) {
         save_shadow(l, ki(K::kR2));
@@ -318,46 +352,59 @@ struct GPT2Runner::Impl {
     auto& A = acts[l];
     if (opt.debug_recompute_delay_ms > 0 && !dry) {
       int ms = opt.debug_recompute_delay_ms;
-      s->launch([ms] { std::this_thread::sleep_for(std::chrono::milliseconds(ms)); }, "debug.delay", l);
+      s->launch([ms] { std::this_thread::sleep_for(std::chrono::milliseconds(ms)); }, "debug.delay",
+                l);
     }
     const float* xin = x[l].f32();
     if (R[ki(K::kLN1)]) {
       A[ki(K::kLN1)] = alloc_kind(l, ki(K::kLN1), s, ph);
       float* out = main_ptr(A[ki(K::kLN1)]);
       float* st = extra_ptr(A[ki(K::kLN1)], ki(K::kLN1));
-      s->launch([=] { cpu::layernorm_forward(out, st, st ? st + Nv : nullptr, xin, w.ln1w, w.ln1b, Nv, C); },
-                "recompute.ln1", l);
+      s->launch(
+          [=] {
+            cpu::layernorm_forward(out, st, st ? st + Nv : nullptr, xin, w.ln1w, w.ln1b, Nv, C);
+          },
+          "recompute.ln1", l);
     }
     const float* ln1 = main_ptr(A[ki(K::kLN1)]);
     if (R[ki(K::kQKV)]) {
       A[ki(K::kQKV)] = alloc_kind(l, ki(K::kQKV), s, ph);
       float* qkv = main_ptr(A[ki(K::kQKV)]);
-      s->launch([=] { cpu::matmul_forward(qkv, ln1, w.qkvw, w.qkvb, Nv, C, 3 * C); }, "recompute.qkv", l);
+      s->launch([=] { cpu::matmul_forward(qkv, ln1, w.qkvw, w.qkvb, Nv, C, 3 * C); },
+                "recompute.qkv", l);
     }
     const float* qkv = main_ptr(A[ki(K::kQKV)]);
     if (R[ki(K::kAttn)]) {
       A[ki(K::kAttn)] = alloc_kind(l, ki(K::kAttn), s, ph);
       float* atty = main_ptr(A[ki(K::kAttn)]);
       float* lse = extra_ptr(A[ki(K::kAttn)], ki(K::kAttn));
-      s->launch([=] { cpu::attention_forward(atty, lse, qkv, Bv, Tv, C, NH); }, "recompute.attention", l);
+      s->launch([=] { cpu::attention_forward(atty, lse, qkv, Bv, Tv, C, NH); },
+                "recompute.attention", l);
     }
     const float* atty = main_ptr(A[ki(K::kAttn)]);
     if (R[ki(K::kR2)]) {
       Block tmp = alloc_nc(s, ph, Usage::kActivation, size_t(N) * C, "attproj");
       float* proj = tmp.f32();
-      s->launch([=] { cpu::matmul_forward(proj, atty, w.attprojw, w.attprojb, Nv, C, C); }, "recompute.attproj", l);
+      s->launch([=] { cpu::matmul_forward(proj, atty, w.attprojw, w.attprojb, Nv, C, C); },
+                "recompute.attproj", l);
       A[ki(K::kR2)] = alloc_kind(l, ki(K::kR2), s, ph);
       // The fused op also writes LayerNorm 2: into LN2's own block when it is being rebuilt
       // too, else into scratch (the kept LN2 must not be written while it may be read).
       Block ln2b;
       bool ln2_scratch = !R[ki(K::kLN2)];
-      if (ln2_scratch) ln2b = alloc_kind(l, ki(K::kLN2), s, ph);
-      else A[ki(K::kLN2)] = ln2b = alloc_kind(l, ki(K::kLN2), s, ph);
+      if (ln2_scratch)
+        ln2b = alloc_kind(l, ki(K::kLN2), s, ph);
+      else
+        A[ki(K::kLN2)] = ln2b = alloc_kind(l, ki(K::kLN2), s, ph);
       float* r2 = main_ptr(A[ki(K::kR2)]);
       float* ln2 = main_ptr(ln2b);
       float* st2 = extra_ptr(ln2b, ki(K::kLN2));
-      s->launch([=] { cpu::residual_layernorm_forward(r2, ln2, st2, st2 ? st2 + Nv : nullptr, xin, proj, w.ln2w, w.ln2b, Nv, C); },
-                "recompute.residual_ln2", l);
+      s->launch(
+          [=] {
+            cpu::residual_layernorm_forward(r2, ln2, st2, st2 ? st2 + Nv : nullptr, xin, proj,
+                                            w.ln2w, w.ln2b, Nv, C);
+          },
+          "recompute.residual_ln2", l);
       arena->free(tmp, s);
       if (ln2_scratch) arena->free(ln2b, s);
     } else if (R[ki(K::kLN2)]) {
@@ -365,14 +412,18 @@ struct GPT2Runner::Impl {
       float* ln2 = main_ptr(A[ki(K::kLN2)]);
       float* st2 = extra_ptr(A[ki(K::kLN2)], ki(K::kLN2));
       const float* r2 = main_ptr(A[ki(K::kR2)]);
-      s->launch([=] { cpu::layernorm_forward(ln2, st2, st2 ? st2 + Nv : nullptr, r2, w.ln2w, w.ln2b, Nv, C); },
-                "recompute.ln2", l);
+      s->launch(
+          [=] {
+            cpu::layernorm_forward(ln2, st2, st2 ? st2 + Nv : nullptr, r2, w.ln2w, w.ln2b, Nv, C);
+          },
+          "recompute.ln2", l);
     }
     const float* ln2 = main_ptr(A[ki(K::kLN2)]);
     if (R[ki(K::kFCH)]) {
       A[ki(K::kFCH)] = alloc_kind(l, ki(K::kFCH), s, ph);
       float* fch = main_ptr(A[ki(K::kFCH)]);
-      s->launch([=] { cpu::matmul_forward(fch, ln2, w.fcw, w.fcb, Nv, C, 4 * C); }, "recompute.fc", l);
+      s->launch([=] { cpu::matmul_forward(fch, ln2, w.fcw, w.fcb, Nv, C, 4 * C); }, "recompute.fc",
+                l);
     }
     const float* fch = main_ptr(A[ki(K::kFCH)]);
     if (R[ki(K::kGELU)]) {
@@ -394,23 +445,25 @@ struct GPT2Runner::Impl {
       const Block b = acts[l][k];
       const KindLayout lay = layout[k];
       const size_t extra_off = align_up(lay.main_elems * 4);
-      main->launch([orig, b, lay, extra_off, l] {
-        const char* now = static_cast<const char*>(b.ptr);
-        auto check = [&](size_t off, size_t elems, const char* name) {
-          const float* a = reinterpret_cast<const float*>(orig->data() + off);
-          const float* r = reinterpret_cast<const float*>(now + off);
-          if (std::memcmp(a, r, elems * 4) == 0) return;
-          for (size_t i = 0; i < elems; i++) {
-            if (std::memcmp(a + i, r + i, 4) != 0) {
-              throw Error("verify-recompute: block " + std::to_string(l) + " tensor " + name +
-                          " differs at index " + std::to_string(i) + ": forward " +
-                          std::to_string(a[i]) + ", recompute " + std::to_string(r[i]));
-            }
-          }
-        };
-        check(0, lay.main_elems, lay.main_name);
-        if (lay.extra_elems) check(extra_off, lay.extra_elems, lay.extra_name);
-      }, "verify.compare", l);
+      main->launch(
+          [orig, b, lay, extra_off, l] {
+            const char* now = static_cast<const char*>(b.ptr);
+            auto check = [&](size_t off, size_t elems, const char* name) {
+              const float* a = reinterpret_cast<const float*>(orig->data() + off);
+              const float* r = reinterpret_cast<const float*>(now + off);
+              if (std::memcmp(a, r, elems * 4) == 0) return;
+              for (size_t i = 0; i < elems; i++) {
+                if (std::memcmp(a + i, r + i, 4) != 0) {
+                  throw Error("verify-recompute: block " + std::to_string(l) + " tensor " + name +
+                              " differs at index " + std::to_string(i) + ": forward " +
+                              std::to_string(a[i]) + ", recompute " + std::to_string(r[i]));
+                }
+              }
+            };
+            check(0, lay.main_elems, lay.main_name);
+            if (lay.extra_elems) check(extra_off, lay.extra_elems, lay.extra_name);
+          },
+          "verify.compare", l);
     }
   }
 
@@ -446,18 +499,35 @@ struct GPT2Runner::Impl {
     float* g_fcprojw = grad_of(G, 12, l, Cs * 4 * Cs);
     float* g_fcprojb = grad_of(G, 13, l, Cs);
     const size_t n4 = size_t(N) * 4 * C;
-    s->launch([=] { cpu::matmul_backward(scr4, g_fcprojw, g_fcprojb, dres, gelu, w.fcprojw, Nv, 4 * C, C); },
-              "bwd.fcproj", l);
+    s->launch(
+        [=] {
+          cpu::matmul_backward(scr4, g_fcprojw, g_fcprojb, dres, gelu, w.fcprojw, Nv, 4 * C, C);
+        },
+        "bwd.fcproj", l);
     s->launch([=] { cpu::gelu_backward(scr4, fch, scr4, n4); }, "bwd.gelu", l);
-    s->launch([=] { cpu::matmul_backward(scrC, g_fcw, g_fcb, scr4, ln2, w.fcw, Nv, C, 4 * C); }, "bwd.fc", l);
-    s->launch([=] { cpu::layernorm_backward(dres, g_ln2w, g_ln2b, scrC, r2, w.ln2w, st2, st2 ? st2 + Nv : nullptr, Nv, C); },
-              "bwd.ln2", l);
-    s->launch([=] { cpu::matmul_backward(scrC, g_attprojw, g_attprojb, dres, atty, w.attprojw, Nv, C, C); },
-              "bwd.attproj", l);
-    s->launch([=] { cpu::attention_backward(scr4, scrC, qkv, atty, lse, Bv, Tv, C, NH); }, "bwd.attention", l);
-    s->launch([=] { cpu::matmul_backward(scrC, g_qkvw, g_qkvb, scr4, ln1, w.qkvw, Nv, C, 3 * C); }, "bwd.qkv", l);
-    s->launch([=] { cpu::layernorm_backward(dres, g_ln1w, g_ln1b, scrC, xin, w.ln1w, st1, st1 ? st1 + Nv : nullptr, Nv, C); },
-              "bwd.ln1", l);
+    s->launch([=] { cpu::matmul_backward(scrC, g_fcw, g_fcb, scr4, ln2, w.fcw, Nv, C, 4 * C); },
+              "bwd.fc", l);
+    s->launch(
+        [=] {
+          cpu::layernorm_backward(dres, g_ln2w, g_ln2b, scrC, r2, w.ln2w, st2,
+                                  st2 ? st2 + Nv : nullptr, Nv, C);
+        },
+        "bwd.ln2", l);
+    s->launch(
+        [=] {
+          cpu::matmul_backward(scrC, g_attprojw, g_attprojb, dres, atty, w.attprojw, Nv, C, C);
+        },
+        "bwd.attproj", l);
+    s->launch([=] { cpu::attention_backward(scr4, scrC, qkv, atty, lse, Bv, Tv, C, NH); },
+              "bwd.attention", l);
+    s->launch([=] { cpu::matmul_backward(scrC, g_qkvw, g_qkvb, scr4, ln1, w.qkvw, Nv, C, 3 * C); },
+              "bwd.qkv", l);
+    s->launch(
+        [=] {
+          cpu::layernorm_backward(dres, g_ln1w, g_ln1b, scrC, xin, w.ln1w, st1,
+                                  st1 ? st1 + Nv : nullptr, Nv, C);
+        },
+        "bwd.ln1", l);
     for (int k = 0; k < kNumKinds; k++) free_kind(l, k, s);
     arena->free(x[l], s);
   }
@@ -490,7 +560,8 @@ struct GPT2Runner::Impl {
     // classifier never waits on the side stream.
     const Phase ph = Phase::kBackward;
     int chunk = opt.classifier_chunk;
-    if (chunk <= 0) chunk = static_cast<int>(std::max<long>(1, std::min<long>(N, (64l << 20) / (long(Vp) * es))));
+    if (chunk <= 0)
+      chunk = static_cast<int>(std::max<long>(1, std::min<long>(N, (64l << 20) / (long(Vp) * es))));
     Block dlnf = alloc_nc(s, ph, Usage::kWorkspace, size_t(N) * C, "dlnf");
     Block logits = arena->alloc(size_t(chunk) * Vp * es, s, ph, Usage::kWorkspace, "logits");
     Block losses = arena->alloc(size_t(N) * 4, s, ph, Usage::kWorkspace, "losses");
@@ -503,8 +574,12 @@ struct GPT2Runner::Impl {
       const float *xf = lnf.f32(), *wte = pv.wte;
       float* dwte = gv.wte;
       float* out = &loss;
-      s->launch([=] { *out = cpu::classifier_forward_backward(lo, dx, dwte, xf, wte, tgt, Nv, C, V, Vp, dloss, ws, chunk); },
-                "classifier");
+      s->launch(
+          [=] {
+            *out = cpu::classifier_forward_backward(lo, dx, dwte, xf, wte, tgt, Nv, C, V, Vp, dloss,
+                                                    ws, chunk);
+          },
+          "classifier");
     }
     arena->free(logits, s);
     arena->free(losses, s);
@@ -516,11 +591,13 @@ struct GPT2Runner::Impl {
       const float* w = pv.lnfw;
       float *gw = gv.lnfw, *gb = gv.lnfb;
       const size_t n = size_t(N) * C;
-      s->launch([=] {
-        std::memset(d, 0, n * sizeof(float));
-        cpu::layernorm_backward(d, gw, gb, dx, xL, w, st, st ? st + Nv : nullptr, Nv, C);
-        (void)xf;
-      }, "bwd.lnf");
+      s->launch(
+          [=] {
+            std::memset(d, 0, n * sizeof(float));
+            cpu::layernorm_backward(d, gw, gb, dx, xL, w, st, st ? st + Nv : nullptr, Nv, C);
+            (void)xf;
+          },
+          "bwd.lnf");
     }
     arena->free(dlnf, s);
     arena->free(lnf, s);
@@ -559,17 +636,24 @@ struct GPT2Runner::Impl {
     if (pos >= 0) {
       const float* row = lnf.ptr ? lnf.f32() + size_t(pos) * C : nullptr;
       const float* wte = pv.wte;
-      s->launch([=] { cpu::classifier_logits(logits_out, row, wte, 1, C, V, Vp); }, "classifier.logits");
+      s->launch([=] { cpu::classifier_logits(logits_out, row, wte, 1, C, V, Vp); },
+                "classifier.logits");
     } else {
       int chunk = opt.classifier_chunk;
-      if (chunk <= 0) chunk = static_cast<int>(std::max<long>(1, std::min<long>(N, (64l << 20) / (long(Vp) * es))));
+      if (chunk <= 0)
+        chunk =
+            static_cast<int>(std::max<long>(1, std::min<long>(N, (64l << 20) / (long(Vp) * es))));
       Block logits = arena->alloc(size_t(chunk) * Vp * es, s, ph, Usage::kWorkspace, "logits");
       Block losses = arena->alloc(size_t(N) * 4, s, ph, Usage::kWorkspace, "losses");
       float *lo = losses.f32(), *ws = logits.f32();
       const float *xf = lnf.f32(), *wte = pv.wte;
       float* out = &loss;
-      s->launch([=] { *out = cpu::classifier_forward_backward(lo, nullptr, nullptr, xf, wte, tg, Nv, C, V, Vp, 0.0f, ws, chunk); },
-                "classifier");
+      s->launch(
+          [=] {
+            *out = cpu::classifier_forward_backward(lo, nullptr, nullptr, xf, wte, tg, Nv, C, V, Vp,
+                                                    0.0f, ws, chunk);
+          },
+          "classifier");
       arena->free(logits, s);
       arena->free(losses, s);
     }
@@ -609,13 +693,29 @@ void GPT2Runner::forward_logits(const float* params, const int* inputs, int pos,
   m.finish_eval(nullptr, pos, logits);
 }
 
-const ArenaStats& GPT2Runner::stats() const { return impl_->arena->stats(); }
-void GPT2Runner::reset_peaks() { impl_->arena->reset_peaks(); }
-Arena& GPT2Runner::arena() { return *impl_->arena; }
-Stream* GPT2Runner::main_stream() { return impl_->main.get(); }
-Stream* GPT2Runner::side_stream() { return impl_->side.get(); }
-const Plan& GPT2Runner::plan() const { return impl_->plan; }
-int GPT2Runner::B() const { return impl_->B; }
-int GPT2Runner::T() const { return impl_->T; }
+const ArenaStats& GPT2Runner::stats() const {
+  return impl_->arena->stats();
+}
+void GPT2Runner::reset_peaks() {
+  impl_->arena->reset_peaks();
+}
+Arena& GPT2Runner::arena() {
+  return *impl_->arena;
+}
+Stream* GPT2Runner::main_stream() {
+  return impl_->main.get();
+}
+Stream* GPT2Runner::side_stream() {
+  return impl_->side.get();
+}
+const Plan& GPT2Runner::plan() const {
+  return impl_->plan;
+}
+int GPT2Runner::B() const {
+  return impl_->B;
+}
+int GPT2Runner::T() const {
+  return impl_->T;
+}
 
 }  // namespace remat

@@ -46,8 +46,8 @@ struct ScheduleOptions {
 
 // The recompute cost model of one block's activation kinds at (B, T).
 struct CostModel {
-  double flops_per_s = 1e11;     // device GEMM throughput the model assumes
-  double bytes_per_s = 2e10;     // device memory bandwidth the model assumes
+  double flops_per_s = 1e11;  // device GEMM throughput the model assumes
+  double bytes_per_s = 2e10;  // device memory bandwidth the model assumes
 };
 std::array<KindCost, kNumActKinds> kind_costs(const GPT2Config& c, int B, int T, ActDType dt,
                                               const CostModel& m);
@@ -67,8 +67,8 @@ class GPT2Runner {
   // One forward and backward pass. params (num_params) are read; grads (num_params) are
   // accumulated (+=). inputs, targets (B*T) token ids, already checked < V. dloss scales
   // the gradient of the summed loss (1 / (B*T*accumulation steps)). Returns the mean loss.
-  float forward_backward(const float* params, float* grads, const int* inputs,
-                         const int* targets, float dloss);
+  float forward_backward(const float* params, float* grads, const int* inputs, const int* targets,
+                         float dloss);
   // Forward only (validation): mean loss; every activation is freed after its last use.
   float forward_loss(const float* params, const int* inputs, const int* targets);
   // Forward only: logits (Vp) of row (b = 0, t = pos), for sampling. Columns >= V are -inf.
@@ -90,24 +90,24 @@ class GPT2Runner {
 
 // What `remat plan` prints and what each training line's peak comes from.
 struct MemoryReport {
-  uint64_t params_bytes = 0;      // working weights (bf16 copy on CUDA bf16; fp32 otherwise)
+  uint64_t params_bytes = 0;  // working weights (bf16 copy on CUDA bf16; fp32 otherwise)
   uint64_t grads_bytes = 0;
-  uint64_t optimizer_bytes = 0;   // AdamW m, v (+ fp32 master weights when params are bf16)
-  uint64_t activation_peak = 0;   // high-water of activations in the arena
-  uint64_t workspace_peak = 0;    // high-water of activation gradients and scratch
-  uint64_t arena_peak = 0;        // high-water of both together (the reservation)
-  uint64_t total_bytes = 0;       // params + grads + optimizer + arena_peak
+  uint64_t optimizer_bytes = 0;  // AdamW m, v (+ fp32 master weights when params are bf16)
+  uint64_t activation_peak = 0;  // high-water of activations in the arena
+  uint64_t workspace_peak = 0;   // high-water of activation gradients and scratch
+  uint64_t arena_peak = 0;       // high-water of both together (the reservation)
+  uint64_t total_bytes = 0;      // params + grads + optimizer + arena_peak
   std::array<uint64_t, kNumPhases> activation_peak_in_phase{};
-  double recompute_flops = 0;     // per step
+  double recompute_flops = 0;           // per step
   double recompute_flops_fraction = 0;  // recompute_flops / step_flops
-  double recompute_seconds = 0;   // per step, by the cost model
+  double recompute_seconds = 0;         // per step, by the cost model
 };
 MemoryReport memory_report(const GPT2Config& c, int B, int T, const Plan& plan, ActDType dt,
                            const ArenaStats& stats, const CostModel& m);
 
 // Activation peak of a plan by the dry run (the planner's peak_of).
-uint64_t dry_run_activation_peak(const GPT2Config& c, int B, int T, const Plan& plan,
-                                 ActDType dt, const ScheduleOptions& opt);
+uint64_t dry_run_activation_peak(const GPT2Config& c, int B, int T, const Plan& plan, ActDType dt,
+                                 const ScheduleOptions& opt);
 
 // Resolves any --recompute policy, budget:BYTES included (budget counts activation bytes).
 Plan make_plan(const std::string& spec, const GPT2Config& c, int B, int T, ActDType dt,

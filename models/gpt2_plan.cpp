@@ -18,13 +18,13 @@ std::array<KindCost, kNumActKinds> kind_costs(const GPT2Config& c, int B, int T,
   };
   const Work ln{8 * N * C, 2 * N * C * es + 8 * N};
   const Work work[kNumActKinds] = {
-      ln,                                                             // ln1: LayerNorm
-      {2 * N * C * 3 * C, (N * C + 3 * N * C + 3 * C * C) * es},      // qkv: GEMM
-      {2.0 * B * double(T) * T * C, (3 * N * C + N * C) * es},        // attn: causal flash fwd
-      {2 * N * C * C + 8 * N * C, (3 * N * C + C * C) * es},          // r2: attproj GEMM + add
-      ln,                                                             // ln2: LayerNorm
-      {2 * N * C * 4 * C, (N * C + 4 * N * C + 4 * C * C) * es},      // fch: GEMM
-      {8 * 4 * N * C, 2 * 4 * N * C * es},                            // gelu: elementwise
+      ln,                                                         // ln1: LayerNorm
+      {2 * N * C * 3 * C, (N * C + 3 * N * C + 3 * C * C) * es},  // qkv: GEMM
+      {2.0 * B * double(T) * T * C, (3 * N * C + N * C) * es},    // attn: causal flash fwd
+      {2 * N * C * C + 8 * N * C, (3 * N * C + C * C) * es},      // r2: attproj GEMM + add
+      ln,                                                         // ln2: LayerNorm
+      {2 * N * C * 4 * C, (N * C + 4 * N * C + 4 * C * C) * es},  // fch: GEMM
+      {8 * 4 * N * C, 2 * 4 * N * C * es},                        // gelu: elementwise
   };
   for (int k = 0; k < kNumActKinds; k++) {
     out[k].bytes = kind_bytes(c, B * T, dt, k);
@@ -64,8 +64,8 @@ MemoryReport memory_report(const GPT2Config& c, int B, int T, const Plan& plan, 
   return r;
 }
 
-uint64_t dry_run_activation_peak(const GPT2Config& c, int B, int T, const Plan& plan,
-                                 ActDType dt, const ScheduleOptions& opt) {
+uint64_t dry_run_activation_peak(const GPT2Config& c, int B, int T, const Plan& plan, ActDType dt,
+                                 const ScheduleOptions& opt) {
   GPT2Runner dry(c, B, T, plan, dt, opt, /*dry=*/true);
   dry.forward_backward(nullptr, nullptr, nullptr, nullptr, 1.0f);
   return dry.stats().peak_by_usage[static_cast<int>(Usage::kActivation)];

@@ -8,8 +8,8 @@ namespace remat {
 
 std::array<size_t, kNumParamTensors> param_sizes(const GPT2Config& c) {
   const size_t Vp = c.padded_vocab, C = c.channels, L = c.num_layers, T = c.max_seq_len;
-  return {Vp * C, T * C, L * C, L * C, L * 3 * C * C, L * 3 * C, L * C * C, L * C,
-          L * C,  L * C, L * 4 * C * C, L * 4 * C, L * C * 4 * C, L * C, C, C};
+  return {Vp * C, T * C, L * C,         L * C,     L * 3 * C * C, L * 3 * C, L * C * C, L * C,
+          L * C,  L * C, L * 4 * C * C, L * 4 * C, L * C * 4 * C, L * C,     C,         C};
 }
 
 size_t num_params(const GPT2Config& c) {
@@ -18,7 +18,9 @@ size_t num_params(const GPT2Config& c) {
   return n;
 }
 
-bool param_decays(int t) { return t == 0 || t == 1 || t == 4 || t == 6 || t == 10 || t == 12; }
+bool param_decays(int t) {
+  return t == 0 || t == 1 || t == 4 || t == 6 || t == 10 || t == 12;
+}
 
 const char* param_name(int t) {
   static const char* names[kNumParamTensors] = {

@@ -54,8 +54,10 @@ int cmd_plan(int argc, const char* const* argv) {
   }
   const int B = static_cast<int>(o.get_int("batch")), T = static_cast<int>(o.get_int("seq"));
   REMAT_CHECK(B > 0 && T > 0, "--batch and --seq must be positive");
-  REMAT_CHECK(T <= c.max_seq_len, "--seq " + std::to_string(T) + " is longer than the model's "
-                                  "maximum " + std::to_string(c.max_seq_len));
+  REMAT_CHECK(T <= c.max_seq_len, "--seq " + std::to_string(T) +
+                                      " is longer than the model's "
+                                      "maximum " +
+                                      std::to_string(c.max_seq_len));
   const std::string dts = o.get("dtype");
   REMAT_CHECK(dts == "bf16" || dts == "fp32", "--dtype must be bf16 or fp32, got '" + dts + "'");
   const ActDType dt = dts == "bf16" ? ActDType::kBF16 : ActDType::kFP32;
@@ -88,8 +90,8 @@ int cmd_plan(int argc, const char* const* argv) {
         (unsigned long long)r.arena_peak, (unsigned long long)r.total_bytes,
         (unsigned long long)r.activation_peak_in_phase[0],
         (unsigned long long)r.activation_peak_in_phase[1],
-        (unsigned long long)r.activation_peak_in_phase[2], r.recompute_flops,
-        step_flops(c, B, T), r.recompute_flops_fraction, r.recompute_seconds);
+        (unsigned long long)r.activation_peak_in_phase[2], r.recompute_flops, step_flops(c, B, T),
+        r.recompute_flops_fraction, r.recompute_seconds);
     for (int k = 0; k < kNumActKinds; k++)
       std::printf("%s\"%s\":%d", k ? "," : "", act_kind_name(static_cast<ActKind>(k)), count[k]);
     std::printf("},\"plan_seconds\":%.4f}\n", secs);
@@ -108,15 +110,21 @@ int cmd_plan(int argc, const char* const* argv) {
   std::printf("  %-34s %14s\n", "gradients", format_bytes(r.grads_bytes).c_str());
   std::printf("  %-34s %14s\n", "optimizer state", format_bytes(r.optimizer_bytes).c_str());
   std::printf("  %-34s %14s\n", "activation peak", format_bytes(r.activation_peak).c_str());
-  std::printf("  %-34s %14s\n", "  during forward", format_bytes(r.activation_peak_in_phase[0]).c_str());
-  std::printf("  %-34s %14s\n", "  during backward", format_bytes(r.activation_peak_in_phase[1]).c_str());
-  std::printf("  %-34s %14s\n", "  during recompute", format_bytes(r.activation_peak_in_phase[2]).c_str());
-  std::printf("  %-34s %14s\n", "workspace peak (grads of acts, logits)", format_bytes(r.workspace_peak).c_str());
-  std::printf("  %-34s %14s\n", "arena peak (activations + workspace)", format_bytes(r.arena_peak).c_str());
+  std::printf("  %-34s %14s\n", "  during forward",
+              format_bytes(r.activation_peak_in_phase[0]).c_str());
+  std::printf("  %-34s %14s\n", "  during backward",
+              format_bytes(r.activation_peak_in_phase[1]).c_str());
+  std::printf("  %-34s %14s\n", "  during recompute",
+              format_bytes(r.activation_peak_in_phase[2]).c_str());
+  std::printf("  %-34s %14s\n", "workspace peak (grads of acts, logits)",
+              format_bytes(r.workspace_peak).c_str());
+  std::printf("  %-34s %14s\n", "arena peak (activations + workspace)",
+              format_bytes(r.arena_peak).c_str());
   std::printf("  %-34s %14s\n", "total", format_bytes(r.total_bytes).c_str());
-  std::printf("\nrecompute: %.3g GFLOP per step = %.2f%% of the step's %.3g GFLOP; modelled %.2f ms\n",
-              r.recompute_flops / 1e9, 100 * r.recompute_flops_fraction, step_flops(c, B, T) / 1e9,
-              1e3 * r.recompute_seconds);
+  std::printf(
+      "\nrecompute: %.3g GFLOP per step = %.2f%% of the step's %.3g GFLOP; modelled %.2f ms\n",
+      r.recompute_flops / 1e9, 100 * r.recompute_flops_fraction, step_flops(c, B, T) / 1e9,
+      1e3 * r.recompute_seconds);
   std::printf("(planned in %.3f s)\n", secs);
   return 0;
 }

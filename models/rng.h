@@ -10,7 +10,8 @@ class Philox {
  public:
   Philox(uint64_t seed, uint64_t stream, uint64_t counter = 0)
       : key_{static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32)},
-        stream_(stream), counter_(counter) {}
+        stream_(stream),
+        counter_(counter) {}
 
   // 32 random bits; the counter advances by one per call.
   uint32_t next_u32() {
@@ -21,7 +22,7 @@ class Philox {
     return r;
   }
   float uniform() { return (next_u32() >> 8) * (1.0f / 16777216.0f); }  // [0, 1)
-  float normal() {                                                     // Box-Muller
+  float normal() {                                                      // Box-Muller
     float u1 = uniform(), u2 = uniform();
     if (u1 < 1e-30f) u1 = 1e-30f;
     return std::sqrt(-2.0f * std::log(u1)) * std::cos(6.2831853071795864f * u2);
@@ -46,7 +47,10 @@ class Philox {
       k0 += 0x9E3779B9u;
       k1 += 0xBB67AE85u;
     }
-    out[0] = c0; out[1] = c1; out[2] = c2; out[3] = c3;
+    out[0] = c0;
+    out[1] = c1;
+    out[2] = c2;
+    out[3] = c3;
   }
   uint32_t key_[2];
   uint64_t stream_;

@@ -29,10 +29,9 @@ Trainer::Trainer(const GPT2Config& c, int B, int T, int accum, const Hyper& h, P
       h_(h),
       runner_(c, B, T, std::move(plan), ActDType::kFP32, sched, /*dry=*/false),
       params_(std::move(params)) {
-  REMAT_CHECK(params_.size() == num_params(c), "initial parameters have " +
-                                                   std::to_string(params_.size()) +
-                                                   " values, the model needs " +
-                                                   std::to_string(num_params(c)));
+  REMAT_CHECK(params_.size() == num_params(c),
+              "initial parameters have " + std::to_string(params_.size()) +
+                  " values, the model needs " + std::to_string(num_params(c)));
   REMAT_CHECK(accum >= 1, "gradient accumulation steps must be >= 1");
   grads_.assign(params_.size(), 0.0f);
   m_.assign(params_.size(), 0.0f);
@@ -68,8 +67,13 @@ StepResult Trainer::step(DataLoader& data) {
   auto offs = param_offsets(c_);
   NvtxRange nvtx_optimizer("optimizer");
   for (int t = 0; t < kNumParamTensors; t++) {
-    cpu::AdamWParams p{r.lr, h_.beta1, h_.beta2, h_.eps,
-                       param_decays(t) ? h_.weight_decay : 0.0f, static_cast<int>(step_ + 1), scale};
+    cpu::AdamWParams p{r.lr,
+                       h_.beta1,
+                       h_.beta2,
+                       h_.eps,
+                       param_decays(t) ? h_.weight_decay : 0.0f,
+                       static_cast<int>(step_ + 1),
+                       scale};
     cpu::adamw_update(params_.data() + offs[t], m_.data() + offs[t], v_.data() + offs[t],
                       grads_.data() + offs[t], sizes[t], p);
   }

@@ -14,22 +14,22 @@
 namespace remat {
 
 struct Hyper {
-  float lr = 3e-4f;          // peak learning rate
-  int warmup = 0;            // linear warmup steps
-  bool cosine = false;       // cosine decay to lr * final_frac over the run, else constant
-  float final_frac = 0.1f;   // cosine end point as a fraction of lr
-  float weight_decay = 0.0f; // AdamW decoupled decay, matrices only
+  float lr = 3e-4f;           // peak learning rate
+  int warmup = 0;             // linear warmup steps
+  bool cosine = false;        // cosine decay to lr * final_frac over the run, else constant
+  float final_frac = 0.1f;    // cosine end point as a fraction of lr
+  float weight_decay = 0.0f;  // AdamW decoupled decay, matrices only
   float beta1 = 0.9f, beta2 = 0.95f, eps = 1e-8f;
-  float grad_clip = 1.0f;    // max global gradient norm; 0 = off
-  int total_steps = 1;       // for the schedule
+  float grad_clip = 1.0f;  // max global gradient norm; 0 = off
+  int total_steps = 1;     // for the schedule
 };
 float learning_rate(const Hyper& h, int64_t step);  // step is 0-based
 
 struct StepResult {
-  float loss = 0;         // mean over the total batch
-  float grad_norm = 0;    // before clipping
+  float loss = 0;       // mean over the total batch
+  float grad_norm = 0;  // before clipping
   float lr = 0;
-  bool skipped = false;   // loss or gradient norm not finite: no update was applied
+  bool skipped = false;  // loss or gradient norm not finite: no update was applied
 };
 
 class Trainer {

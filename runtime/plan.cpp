@@ -16,7 +16,9 @@ const char* act_kind_name(ActKind k) {
   return names[static_cast<int>(k)];
 }
 
-bool Plan::any_recompute() const { return num_recomputed() > 0; }
+bool Plan::any_recompute() const {
+  return num_recomputed() > 0;
+}
 
 int Plan::num_recomputed() const {
   int n = 0;
@@ -50,8 +52,8 @@ bool named_set(const std::string& name, KindSet* out) {
     size_t start = 0;
     while (start <= name.size()) {
       size_t plus = name.find('+', start);
-      std::string part = name.substr(start, plus == std::string::npos ? std::string::npos
-                                                                       : plus - start);
+      std::string part =
+          name.substr(start, plus == std::string::npos ? std::string::npos : plus - start);
       bool found = false;
       for (int k = 0; k < kNumActKinds; k++) {
         if (part == act_kind_name(static_cast<ActKind>(k))) {
@@ -119,8 +121,8 @@ Plan parse_plan(const std::string& spec, int num_blocks) {
   size_t start = 0;
   while (true) {
     size_t comma = spec.find(',', start);
-    parts.push_back(spec.substr(start, comma == std::string::npos ? std::string::npos
-                                                                  : comma - start));
+    parts.push_back(
+        spec.substr(start, comma == std::string::npos ? std::string::npos : comma - start));
     if (comma == std::string::npos) break;
     start = comma + 1;
   }
@@ -137,9 +139,8 @@ Plan parse_plan(const std::string& spec, int num_blocks) {
     size_t dash = range.find('-');
     int lo = parse_int(range.substr(0, dash), spec);
     int hi = dash == std::string::npos ? lo : parse_int(range.substr(dash + 1), spec);
-    REMAT_CHECK(lo <= hi && hi < num_blocks,
-                "--recompute '" + spec + "': block range " + range + " is outside 0-" +
-                    std::to_string(num_blocks - 1));
+    REMAT_CHECK(lo <= hi && hi < num_blocks, "--recompute '" + spec + "': block range " + range +
+                                                 " is outside 0-" + std::to_string(num_blocks - 1));
     apply(plan, o.substr(eq + 1), lo, hi, spec);
   }
   return plan;
@@ -157,14 +158,23 @@ uint64_t parse_bytes(const std::string& text) {
   std::transform(unit.begin(), unit.end(), unit.begin(),
                  [](unsigned char ch) { return static_cast<char>(std::tolower(ch)); });
   double mult = 1;
-  if (unit.empty() || unit == "b") mult = 1;
-  else if (unit == "k" || unit == "kib") mult = 1024.0;
-  else if (unit == "m" || unit == "mib") mult = 1024.0 * 1024;
-  else if (unit == "g" || unit == "gib") mult = 1024.0 * 1024 * 1024;
-  else if (unit == "kb") mult = 1e3;
-  else if (unit == "mb") mult = 1e6;
-  else if (unit == "gb") mult = 1e9;
-  else throw Error("'" + text + "': unknown unit '" + unit + "' (use K, M, G, KiB, MiB, GiB, KB, MB, GB)");
+  if (unit.empty() || unit == "b")
+    mult = 1;
+  else if (unit == "k" || unit == "kib")
+    mult = 1024.0;
+  else if (unit == "m" || unit == "mib")
+    mult = 1024.0 * 1024;
+  else if (unit == "g" || unit == "gib")
+    mult = 1024.0 * 1024 * 1024;
+  else if (unit == "kb")
+    mult = 1e3;
+  else if (unit == "mb")
+    mult = 1e6;
+  else if (unit == "gb")
+    mult = 1e9;
+  else
+    throw Error("'" + text + "': unknown unit '" + unit +
+                "' (use K, M, G, KiB, MiB, GiB, KB, MB, GB)");
   REMAT_CHECK(value >= 0 && std::isfinite(value) && value * mult < 1.8e19,
               "'" + text + "' is not a valid byte count");
   return static_cast<uint64_t>(value * mult);
@@ -178,10 +188,14 @@ bool parse_budget(const std::string& spec, uint64_t* bytes) {
 
 std::string format_bytes(uint64_t b) {
   char buf[64];
-  if (b >= (1ull << 30)) std::snprintf(buf, sizeof buf, "%.2f GiB", b / 1073741824.0);
-  else if (b >= (1ull << 20)) std::snprintf(buf, sizeof buf, "%.2f MiB", b / 1048576.0);
-  else if (b >= 1024) std::snprintf(buf, sizeof buf, "%.2f KiB", b / 1024.0);
-  else std::snprintf(buf, sizeof buf, "%llu B", static_cast<unsigned long long>(b));
+  if (b >= (1ull << 30))
+    std::snprintf(buf, sizeof buf, "%.2f GiB", b / 1073741824.0);
+  else if (b >= (1ull << 20))
+    std::snprintf(buf, sizeof buf, "%.2f MiB", b / 1048576.0);
+  else if (b >= 1024)
+    std::snprintf(buf, sizeof buf, "%.2f KiB", b / 1024.0);
+  else
+    std::snprintf(buf, sizeof buf, "%llu B", static_cast<unsigned long long>(b));
   return buf;
 }
 
@@ -270,7 +284,8 @@ Plan plan_for_budget(const std::string& spec, uint64_t budget, int L,
     Plan best = full, trial = none;
     double best_cost = plan_seconds(full, costs);
     for (uint64_t mask = 0; mask < (1ull << items); mask++) {
-      for (int i = 0; i < items; i++) trial.recompute[i / kNumActKinds][i % kNumActKinds] = (mask >> i) & 1;
+      for (int i = 0; i < items; i++)
+        trial.recompute[i / kNumActKinds][i % kNumActKinds] = (mask >> i) & 1;
       double cost = plan_seconds(trial, costs);
       if (cost < best_cost && peak_of(trial) <= budget) {
         best_cost = cost;

@@ -28,17 +28,17 @@ const char* act_kind_name(ActKind k);
 using KindSet = std::array<bool, kNumActKinds>;  // true = recompute
 
 struct Plan {
-  std::string spec;                 // what the user asked for, e.g. "selective" or "budget:8GiB"
-  std::vector<KindSet> recompute;   // one per block
+  std::string spec;                // what the user asked for, e.g. "selective" or "budget:8GiB"
+  std::vector<KindSet> recompute;  // one per block
   bool any_recompute() const;
-  int num_recomputed() const;       // (block, kind) pairs recomputed
+  int num_recomputed() const;  // (block, kind) pairs recomputed
 };
 
 // What recomputing one kind of one block costs and saves.
 struct KindCost {
-  uint64_t bytes;   // bytes freed by not keeping it
-  double flops;     // FLOPs to rebuild it
-  double seconds;   // modelled time to rebuild it (roofline of flops and bytes moved)
+  uint64_t bytes;  // bytes freed by not keeping it
+  double flops;    // FLOPs to rebuild it
+  double seconds;  // modelled time to rebuild it (roofline of flops and bytes moved)
 };
 
 // Parses a policy for `num_blocks` blocks:

@@ -26,7 +26,8 @@ TEST(Model, InitialLossNearLogVocab) {
   GPT2Config c = tiny_config();
   auto p = test::init(c);
   const int B = 2, T = 8;
-  auto in = test::random_tokens(B * T, c.vocab_size, 1), tg = test::random_tokens(B * T, c.vocab_size, 2);
+  auto in = test::random_tokens(B * T, c.vocab_size, 1),
+       tg = test::random_tokens(B * T, c.vocab_size, 2);
   GPT2Runner r(c, B, T, parse_plan("none", c.num_layers), ActDType::kFP32, {}, false);
   const float loss = loss_of(r, p, in, tg);
   // Logits of a freshly initialised model are small, so the softmax is near uniform over V
@@ -38,7 +39,8 @@ TEST(Model, ForwardBackwardLossEqualsForwardLoss) {
   GPT2Config c = tiny_config();
   auto p = test::init(c);
   const int B = 3, T = 5;
-  auto in = test::random_tokens(B * T, c.vocab_size, 3), tg = test::random_tokens(B * T, c.vocab_size, 4);
+  auto in = test::random_tokens(B * T, c.vocab_size, 3),
+       tg = test::random_tokens(B * T, c.vocab_size, 4);
   GPT2Runner r(c, B, T, parse_plan("none", c.num_layers), ActDType::kFP32, {}, false);
   std::vector<float> g(p.size(), 0.0f);
   const float a = r.forward_backward(p.data(), g.data(), in.data(), tg.data(), 1.0f / (B * T));
@@ -54,7 +56,8 @@ TEST(Model, GradientMatchesFiniteDifferences) {
   // Larger weights than GPT-2's init so every path carries signal.
   for (auto& x : p) x *= 4.0f;
   const int B = 2, T = 6;
-  auto in = test::random_tokens(B * T, c.vocab_size, 5), tg = test::random_tokens(B * T, c.vocab_size, 6);
+  auto in = test::random_tokens(B * T, c.vocab_size, 5),
+       tg = test::random_tokens(B * T, c.vocab_size, 6);
   GPT2Runner r(c, B, T, parse_plan("none", c.num_layers), ActDType::kFP32, {}, false);
   std::vector<float> g(p.size(), 0.0f);
   r.forward_backward(p.data(), g.data(), in.data(), tg.data(), 1.0f / (B * T));

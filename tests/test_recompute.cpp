@@ -83,8 +83,8 @@ test::TempDir* Policies::dir_ = nullptr;
 Trace* Policies::none_ = nullptr;
 
 TEST_F(Policies, EveryPresetTrainsBitwiseLikeNone) {
-  for (const char* p : {"selective", "attention", "full", "every:1", "every:2", "qkv+r2",
-                        "r2", "fch+gelu", "none,1=full", "full,0-1=selective"}) {
+  for (const char* p : {"selective", "attention", "full", "every:1", "every:2", "qkv+r2", "r2",
+                        "fch+gelu", "none,1=full", "full,0-1=selective"}) {
     SCOPED_TRACE(p);
     expect_bitwise_equal(train(*dir_ / "d.bin", p, 5), *none_, p);
   }
@@ -99,8 +99,10 @@ TEST_F(Policies, LookaheadDoesNotChangeResults) {
 
 TEST_F(Policies, BudgetPlanTrainsBitwiseLikeNone) {
   GPT2Config c = tiny_config(3);
-  const uint64_t none = dry_run_activation_peak(c, 2, 8, parse_plan("none", 3), ActDType::kFP32, {});
-  const uint64_t full = dry_run_activation_peak(c, 2, 8, parse_plan("full", 3), ActDType::kFP32, {});
+  const uint64_t none =
+      dry_run_activation_peak(c, 2, 8, parse_plan("none", 3), ActDType::kFP32, {});
+  const uint64_t full =
+      dry_run_activation_peak(c, 2, 8, parse_plan("full", 3), ActDType::kFP32, {});
   const std::string spec = "budget:" + std::to_string((none + full) / 2);
   expect_bitwise_equal(train(*dir_ / "d.bin", spec, 5), *none_, spec);
 }
@@ -117,7 +119,8 @@ TEST(Arena, PredictedPeakEqualsMeasured) {
   GPT2Config c = tiny_config(3);
   const int B = 2, T = 8;
   auto p = test::init(c);
-  auto in = test::random_tokens(B * T, c.vocab_size, 1), tg = test::random_tokens(B * T, c.vocab_size, 2);
+  auto in = test::random_tokens(B * T, c.vocab_size, 1),
+       tg = test::random_tokens(B * T, c.vocab_size, 2);
   for (const char* spec : {"none", "selective", "attention", "full", "every:2", "r2", "qkv+fch"}) {
     for (int la : {0, 1, 2}) {
       SCOPED_TRACE(std::string(spec) + " lookahead " + std::to_string(la));
@@ -158,8 +161,10 @@ TEST(Plan, PeaksAreOrdered) {
     EXPECT_GT(att, full) << model;
   }
   GPT2Config t = tiny_config(4);
-  EXPECT_GT(act_peak(t, 2, 16, "none", ActDType::kFP32), act_peak(t, 2, 16, "selective", ActDType::kFP32));
-  EXPECT_GT(act_peak(t, 2, 16, "attention", ActDType::kFP32), act_peak(t, 2, 16, "full", ActDType::kFP32));
+  EXPECT_GT(act_peak(t, 2, 16, "none", ActDType::kFP32),
+            act_peak(t, 2, 16, "selective", ActDType::kFP32));
+  EXPECT_GT(act_peak(t, 2, 16, "attention", ActDType::kFP32),
+            act_peak(t, 2, 16, "full", ActDType::kFP32));
 }
 
 TEST(Plan, ParsesPresetsAndOverrides) {
@@ -188,7 +193,8 @@ Brute brute_force(const GPT2Config& c, int B, int T, uint64_t budget,
   const int items = c.num_layers * kNumActKinds;
   Plan p = parse_plan("none", c.num_layers);
   for (uint64_t mask = 0; mask < (1ull << items); mask++) {
-    for (int i = 0; i < items; i++) p.recompute[i / kNumActKinds][i % kNumActKinds] = (mask >> i) & 1;
+    for (int i = 0; i < items; i++)
+      p.recompute[i / kNumActKinds][i % kNumActKinds] = (mask >> i) & 1;
     const double cost = plan_seconds(p, costs);
     if (cost >= best.cost) continue;
     if (dry_run_activation_peak(c, B, T, p, ActDType::kFP32, {}) <= budget) best.cost = cost;
@@ -200,13 +206,16 @@ TEST(Plan, BudgetFitsAndIsNoCostlierThanBruteForce) {
   GPT2Config c = tiny_config(2);
   const int B = 2, T = 16;
   auto costs = kind_costs(c, B, T, ActDType::kFP32, CostModel{});
-  auto peak_of = [&](const Plan& p) { return dry_run_activation_peak(c, B, T, p, ActDType::kFP32, {}); };
+  auto peak_of = [&](const Plan& p) {
+    return dry_run_activation_peak(c, B, T, p, ActDType::kFP32, {});
+  };
   const uint64_t none = peak_of(parse_plan("none", 2)), full = peak_of(parse_plan("full", 2));
   for (double f : {0.0, 0.2, 0.5, 0.8, 0.95}) {
     const uint64_t budget = full + static_cast<uint64_t>(f * (none - full));
     Brute b = brute_force(c, B, T, budget, costs);
     for (int limit : {14, 0}) {  // exhaustive, then the knapsack path
-      SCOPED_TRACE("budget " + std::to_string(budget) + " exhaustive_limit " + std::to_string(limit));
+      SCOPED_TRACE("budget " + std::to_string(budget) + " exhaustive_limit " +
+                   std::to_string(limit));
       double lb = -1;
       Plan p = plan_for_budget("budget", budget, 2, costs, peak_of, &lb, limit);
       EXPECT_LE(peak_of(p), budget);
@@ -223,7 +232,8 @@ TEST(Plan, InfeasibleBudgetNamesSmallestFeasible) {
     make_plan("budget:" + std::to_string(full - 1), c, 2, 8, ActDType::kFP32, {}, CostModel{});
     FAIL() << "an infeasible budget must be an error";
   } catch (const Error& e) {
-    EXPECT_NE(std::string(e.what()).find("budget:" + std::to_string(full)), std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.what()).find("budget:" + std::to_string(full)), std::string::npos)
+        << e.what();
   }
   Plan p = make_plan("budget:" + std::to_string(full), c, 2, 8, ActDType::kFP32, {}, CostModel{});
   EXPECT_LE(act_peak(c, 2, 8, "full", ActDType::kFP32), full);
