@@ -139,8 +139,15 @@ struct GPT2Runner::Impl {
   size_t kind_bytes(int k) const {
     return remat::kind_bytes(c, N, dtype, k);
   }
-  Block alloc_kind(int l, int k, Stream* s, Phase ph) {
-    (void)l;
+  // Rows per classifier chunk: ScheduleOptions::classifier_chunk, else as many as 64 MiB of logits
+  // hold.
+  int classifier_chunk() const {
+    if (opt.classifier_chunk > 0) return opt.classifier_chunk;
+    const long rows = (64l << 20) / (long(c.padded_vocab) * es);
+    return static_cast<int>(std::max<long>(1, std::min<long>(N, rows)));
+  }
+
+  Block alloc_kind(int k, Stream* s, Phase ph) {
     return arena->alloc(kind_bytes(k), s, ph, Usage::kActivation, layout[k].main_name);
   }
   float* main_ptr(const Block& b) const {
@@ -225,7 +232,7 @@ struct GPT2Runner::Impl {
       s->launch([=] { cpu::encoder_forward(out, tok, wte, wpe, Bv, Tv, C); }, "fwd.encoder");
     }
     // LN1 of block 0 (later blocks get theirs from the fused residual at the block boundary).
-    acts[0][ki(K::kLN1)] = alloc_kind(0, ki(K::kLN1), s, ph);
+    acts[0][ki(K::kLN1)] = alloc_kind(ki(K::kLN1), s, ph);
     {
       LayerW w = weights(P, 0);
       float* out = main_ptr(acts[0][ki(K::kLN1)]);
@@ -242,14 +249,14 @@ struct GPT2Runner::Impl {
       LayerW w = weights(P, l);
       auto& A = acts[l];
       const float* ln1 = main_ptr(A[ki(K::kLN1)]);
-      A[ki(K::kQKV)] = alloc_kind(l, ki(K::kQKV), s, ph);
+      A[ki(K::kQKV)] = alloc_kind(ki(K::kQKV), s, ph);
       float* qkv = main_ptr(A[ki(K::kQKV)]);
       s->launch([=] { cpu::matmul_forward(qkv, ln1, w.qkvw, w.qkvb, Nv, C, 3 * C); }, "fwd.qkv", l);
       if (recomputed(l, K::kLN1, training)) {
         save_shadow(l, ki(K::kLN1));
         free_kind(l, ki(K::kLN1), s);
       }
-      A[ki(K::kAttn)] = alloc_kind(l, ki(K::kAttn), s, ph);
+      A[ki(K::kAttn)] = alloc_kind(ki(K::kAttn), s, ph);
       float* atty = main_ptr(A[ki(K::kAttn)]);
       float* lse = extra_ptr(A[ki(K::kAttn)], ki(K::kAttn));
       s->launch([=] { cpu::attention_forward(atty, lse, qkv, Bv, Tv, C, NH); }, "fwd.attention", l);
@@ -265,8 +272,8 @@ struct GPT2Runner::Impl {
         save_shadow(l, ki(K::kAttn));
         free_kind(l, ki(K::kAttn), s);
       }
-      A[ki(K::kR2)] = alloc_kind(l, ki(K::kR2), s, ph);
-      A[ki(K::kLN2)] = alloc_kind(l, ki(K::kLN2), s, ph);
+      A[ki(K::kR2)] = alloc_kind(ki(K::kR2), s, ph);
+      A[ki(K::kLN2)] = alloc_kind(ki(K::kLN2), s, ph);
       float* r2 = main_ptr(A[ki(K::kR2)]);
       float* ln2 = main_ptr(A[ki(K::kLN2)]);
       float* st2 = extra_ptr(A[ki(K::kLN2)], ki(K::kLN2));
@@ -279,14 +286,14 @@ struct GPT2Runner::Impl {
           "fwd.residual_ln2", l);
       arena->free(tmp, s);
       if (!training) arena->free(x[l], s);
-      A[ki(K::kFCH)] = alloc_kind(l, ki(K::kFCH), s, ph);
+      A[ki(K::kFCH)] = alloc_kind(ki(K::kFCH), s, ph);
       float* fch = main_ptr(A[ki(K::kFCH)]);
       s->launch([=] { cpu::matmul_forward(fch, ln2, w.fcw, w.fcb, Nv, C, 4 * C); }, "fwd.fc", l);
       if (recomputed(l, K::kLN2, training)) {
         save_shadow(l, ki(K::kLN2));
         free_kind(l, ki(K::kLN2), s);
       }
-      A[ki(K::kGELU)] = alloc_kind(l, ki(K::kGELU), s, ph);
+      A[ki(K::kGELU)] = alloc_kind(ki(K::kGELU), s, ph);
       float* gelu = main_ptr(A[ki(K::kGELU)]);
       const size_t n4 = size_t(N) * 4 * C;
       s->launch([=] { cpu::gelu_forward(gelu, fch, n4); }, "fwd.gelu", l);
@@ -309,7 +316,7 @@ struct GPT2Runner::Impl {
       const float *nw, *nb;
       float *ln_out, *ln_st;
       if (l + 1 < L) {
-        acts[l + 1][ki(K::kLN1)] = alloc_kind(l + 1, ki(K::kLN1), s, ph);
+        acts[l + 1][ki(K::kLN1)] = alloc_kind(ki(K::kLN1), s, ph);
         LayerW w1 = weights(P, l + 1);
         nw = w1.ln1w;
         nb = w1.ln1b;
@@ -357,7 +364,7 @@ struct GPT2Runner::Impl {
     }
     const float* xin = x[l].f32();
     if (R[ki(K::kLN1)]) {
-      A[ki(K::kLN1)] = alloc_kind(l, ki(K::kLN1), s, ph);
+      A[ki(K::kLN1)] = alloc_kind(ki(K::kLN1), s, ph);
       float* out = main_ptr(A[ki(K::kLN1)]);
       float* st = extra_ptr(A[ki(K::kLN1)], ki(K::kLN1));
       s->launch(
@@ -368,14 +375,14 @@ struct GPT2Runner::Impl {
     }
     const float* ln1 = main_ptr(A[ki(K::kLN1)]);
     if (R[ki(K::kQKV)]) {
-      A[ki(K::kQKV)] = alloc_kind(l, ki(K::kQKV), s, ph);
+      A[ki(K::kQKV)] = alloc_kind(ki(K::kQKV), s, ph);
       float* qkv = main_ptr(A[ki(K::kQKV)]);
       s->launch([=] { cpu::matmul_forward(qkv, ln1, w.qkvw, w.qkvb, Nv, C, 3 * C); },
                 "recompute.qkv", l);
     }
     const float* qkv = main_ptr(A[ki(K::kQKV)]);
     if (R[ki(K::kAttn)]) {
-      A[ki(K::kAttn)] = alloc_kind(l, ki(K::kAttn), s, ph);
+      A[ki(K::kAttn)] = alloc_kind(ki(K::kAttn), s, ph);
       float* atty = main_ptr(A[ki(K::kAttn)]);
       float* lse = extra_ptr(A[ki(K::kAttn)], ki(K::kAttn));
       s->launch([=] { cpu::attention_forward(atty, lse, qkv, Bv, Tv, C, NH); },
@@ -387,15 +394,15 @@ struct GPT2Runner::Impl {
       float* proj = tmp.f32();
       s->launch([=] { cpu::matmul_forward(proj, atty, w.attprojw, w.attprojb, Nv, C, C); },
                 "recompute.attproj", l);
-      A[ki(K::kR2)] = alloc_kind(l, ki(K::kR2), s, ph);
+      A[ki(K::kR2)] = alloc_kind(ki(K::kR2), s, ph);
       // The fused op also writes LayerNorm 2: into LN2's own block when it is being rebuilt
       // too, else into scratch (the kept LN2 must not be written while it may be read).
       Block ln2b;
       bool ln2_scratch = !R[ki(K::kLN2)];
       if (ln2_scratch)
-        ln2b = alloc_kind(l, ki(K::kLN2), s, ph);
+        ln2b = alloc_kind(ki(K::kLN2), s, ph);
       else
-        A[ki(K::kLN2)] = ln2b = alloc_kind(l, ki(K::kLN2), s, ph);
+        A[ki(K::kLN2)] = ln2b = alloc_kind(ki(K::kLN2), s, ph);
       float* r2 = main_ptr(A[ki(K::kR2)]);
       float* ln2 = main_ptr(ln2b);
       float* st2 = extra_ptr(ln2b, ki(K::kLN2));
@@ -408,7 +415,7 @@ struct GPT2Runner::Impl {
       arena->free(tmp, s);
       if (ln2_scratch) arena->free(ln2b, s);
     } else if (R[ki(K::kLN2)]) {
-      A[ki(K::kLN2)] = alloc_kind(l, ki(K::kLN2), s, ph);
+      A[ki(K::kLN2)] = alloc_kind(ki(K::kLN2), s, ph);
       float* ln2 = main_ptr(A[ki(K::kLN2)]);
       float* st2 = extra_ptr(A[ki(K::kLN2)], ki(K::kLN2));
       const float* r2 = main_ptr(A[ki(K::kR2)]);
@@ -420,14 +427,14 @@ struct GPT2Runner::Impl {
     }
     const float* ln2 = main_ptr(A[ki(K::kLN2)]);
     if (R[ki(K::kFCH)]) {
-      A[ki(K::kFCH)] = alloc_kind(l, ki(K::kFCH), s, ph);
+      A[ki(K::kFCH)] = alloc_kind(ki(K::kFCH), s, ph);
       float* fch = main_ptr(A[ki(K::kFCH)]);
       s->launch([=] { cpu::matmul_forward(fch, ln2, w.fcw, w.fcb, Nv, C, 4 * C); }, "recompute.fc",
                 l);
     }
     const float* fch = main_ptr(A[ki(K::kFCH)]);
     if (R[ki(K::kGELU)]) {
-      A[ki(K::kGELU)] = alloc_kind(l, ki(K::kGELU), s, ph);
+      A[ki(K::kGELU)] = alloc_kind(ki(K::kGELU), s, ph);
       float* gelu = main_ptr(A[ki(K::kGELU)]);
       const size_t n4 = size_t(N) * 4 * C;
       s->launch([=] { cpu::gelu_forward(gelu, fch, n4); }, "recompute.gelu", l);
@@ -559,9 +566,7 @@ struct GPT2Runner::Impl {
     // look-ahead recompute allocates, so they come from bytes the main stream freed and the
     // classifier never waits on the side stream.
     const Phase ph = Phase::kBackward;
-    int chunk = opt.classifier_chunk;
-    if (chunk <= 0)
-      chunk = static_cast<int>(std::max<long>(1, std::min<long>(N, (64l << 20) / (long(Vp) * es))));
+    const int chunk = classifier_chunk();
     Block dlnf = alloc_nc(s, ph, Usage::kWorkspace, size_t(N) * C, "dlnf");
     Block logits = arena->alloc(size_t(chunk) * Vp * es, s, ph, Usage::kWorkspace, "logits");
     Block losses = arena->alloc(size_t(N) * 4, s, ph, Usage::kWorkspace, "losses");
@@ -586,7 +591,7 @@ struct GPT2Runner::Impl {
     Block dres = alloc_nc(s, ph, Usage::kWorkspace, size_t(N) * C, "dresidual");
     {
       float* d = dres.f32();
-      const float *dx = dlnf.f32(), *xL = x[L].f32(), *xf = lnf.f32();
+      const float *dx = dlnf.f32(), *xL = x[L].f32();
       const float* st = extra_of(lnf, size_t(N) * C);
       const float* w = pv.lnfw;
       float *gw = gv.lnfw, *gb = gv.lnfb;
@@ -595,7 +600,6 @@ struct GPT2Runner::Impl {
           [=] {
             std::memset(d, 0, n * sizeof(float));
             cpu::layernorm_backward(d, gw, gb, dx, xL, w, st, st ? st + Nv : nullptr, Nv, C);
-            (void)xf;
           },
           "bwd.lnf");
     }
@@ -639,10 +643,7 @@ struct GPT2Runner::Impl {
       s->launch([=] { cpu::classifier_logits(logits_out, row, wte, 1, C, V, Vp); },
                 "classifier.logits");
     } else {
-      int chunk = opt.classifier_chunk;
-      if (chunk <= 0)
-        chunk =
-            static_cast<int>(std::max<long>(1, std::min<long>(N, (64l << 20) / (long(Vp) * es))));
+      const int chunk = classifier_chunk();
       Block logits = arena->alloc(size_t(chunk) * Vp * es, s, ph, Usage::kWorkspace, "logits");
       Block losses = arena->alloc(size_t(N) * 4, s, ph, Usage::kWorkspace, "losses");
       float *lo = losses.f32(), *ws = logits.f32();

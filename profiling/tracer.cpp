@@ -12,7 +12,9 @@
 namespace remat {
 namespace {
 
-int64_t now_ns() { return steady_now_ns(); }
+int64_t now_ns() {
+  return steady_now_ns();
+}
 
 bool starts_with(const char* s, const char* prefix) {
   return std::strncmp(s, prefix, std::strlen(prefix)) == 0;

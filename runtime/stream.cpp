@@ -48,7 +48,9 @@ int64_t steady_now_ns() {
 
 namespace {
 
-int64_t now_ns() { return steady_now_ns(); }
+int64_t now_ns() {
+  return steady_now_ns();
+}
 
 class CpuStream final : public Stream {
  public:

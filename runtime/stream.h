@@ -26,11 +26,11 @@ struct Event {
 // Receives one record per op when a tracer is attached (profiling/). With no sink
 // attached the stream does no tracing work at all.
 struct OpRecord {
-  const char* label;   // static string naming the op ("fwd.qkv", "recompute.ln1", ...)
-  int stream_id;       // Stream::id() of the stream that ran it
-  int64_t start_ns;    // steady-clock (CPU) or CUPTI timestamps, ns
+  const char* label;  // static string naming the op ("fwd.qkv", "recompute.ln1", ...)
+  int stream_id;      // Stream::id() of the stream that ran it
+  int64_t start_ns;   // steady-clock (CPU) or CUPTI timestamps, ns
   int64_t end_ns;
-  int block;           // transformer block the op belongs to, -1 when none
+  int block;  // transformer block the op belongs to, -1 when none
 };
 class TraceSink {
  public:

@@ -43,7 +43,9 @@ std::string quote(const std::string& s) {
 
 const std::string kReferenceDir = std::string(REMAT_SOURCE_DIR) + "/tests/reference";
 
-bool have_numpy() { return run("python3 -c 'import numpy'").status == 0; }
+bool have_numpy() {
+  return run("python3 -c 'import numpy'").status == 0;
+}
 
 TEST(Reference, NumpyReferenceSelfTest) {
   if (!have_numpy()) GTEST_SKIP() << "python3 with numpy is not available (pip install numpy)";

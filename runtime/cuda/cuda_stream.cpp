@@ -17,7 +17,9 @@
 namespace remat {
 namespace {
 
-int64_t now_ns() { return steady_now_ns(); }
+int64_t now_ns() {
+  return steady_now_ns();
+}
 
 class CudaStream final : public Stream {
  public:
