@@ -63,51 +63,40 @@ PrepareResult default_corpus() {
   return prepare_corpus({kDefaultCorpusDir}, kDefaultDataDir, 512, 0.05);
 }
 
-// Bytes of memory the kernel says can still be had (MemAvailable), 0 if unknown.
-uint64_t available_memory() {
-  FILE* f = std::fopen("/proc/meminfo", "r");
-  if (!f) return 0;
-  char line[256];
-  unsigned long long kb = 0;
-  while (std::fgets(line, sizeof line, f))
-    if (std::sscanf(line, "MemAvailable: %llu kB", &kb) == 1) break;
-  std::fclose(f);
-  return kb * 1024ull;
-}
-
-// Host bytes a CPU training run needs before its first step: fp32 weights, gradients and
-// AdamW moments, plus the arena reservation the dry run of this plan asks for.
-uint64_t host_bytes_needed(const GPT2Config& c, int B, int T, const Plan& plan,
-                           const ScheduleOptions& so) {
-  GPT2Runner dry(c, B, T, plan, ActDType::kFP32, so, /*dry=*/true);
+// Bytes a training run needs on its backend before its first step: weights, gradients and
+// AdamW state (16 bytes per parameter on both backends: fp32 weights, gradients and moments;
+// or fp32 master weights and moments beside bf16 weights and gradients), plus the arena
+// reservation the dry run of this plan asks for.
+uint64_t bytes_needed(const GPT2Config& c, int B, int T, const Plan& plan,
+                      const ScheduleOptions& so, ActDType dt) {
+  GPT2Runner dry(c, B, T, plan, dt, so, /*dry=*/true);
   dry.forward_backward(nullptr, nullptr, nullptr, nullptr, 1.0f);
   return 16ull * num_params(c) + dry.stats().extent_peak;
 }
 
-// An error before anything is allocated when the run cannot fit this machine's memory,
-// naming what it needs and what would fit.
+// An error before anything is allocated when the run cannot fit the backend's memory, naming
+// the plan, what it needs and what would fit.
 void check_fits_in_memory(const GPT2Config& c, int B, int T, const Plan& plan,
-                          const ScheduleOptions& so, const std::string& policy) {
-  const uint64_t avail = available_memory();
+                          const ScheduleOptions& so, const std::string& policy, Backend& be) {
+  const uint64_t avail = be.available_bytes();
   if (avail == 0) return;
-  const uint64_t need = host_bytes_needed(c, B, T, plan, so);
+  const ActDType dt = be.dtype();
+  const uint64_t need = bytes_needed(c, B, T, plan, so, dt);
   if (need <= avail) return;
-  std::string msg = "this run needs " + format_bytes(need) +
-                    " of memory (weights, gradients and "
-                    "AdamW state " +
-                    format_bytes(16ull * num_params(c)) +
-                    ", activations and "
-                    "workspace with --recompute " +
-                    policy + " " + format_bytes(need - 16ull * num_params(c)) + ") but only " +
+  const std::string where = std::string(be.name()) == "cuda" ? "GPU memory" : "memory";
+  std::string msg = "this run needs " + format_bytes(need) + " of " + where +
+                    " (weights, gradients and AdamW state " + format_bytes(16ull * num_params(c)) +
+                    ", activations and workspace with --recompute " + policy + " " +
+                    format_bytes(need - 16ull * num_params(c)) + ") but only " +
                     format_bytes(avail) + " is available";
   Plan full = parse_plan("full", c.num_layers);
-  const uint64_t need_full = host_bytes_needed(c, B, T, full, so);
+  const uint64_t need_full = bytes_needed(c, B, T, full, so, dt);
   if (need_full <= avail) {
     msg += "; --recompute full needs " + format_bytes(need_full) + " and fits";
   } else {
     int b = B;
-    while (b > 1 && host_bytes_needed(c, b, T, full, so) > avail) b /= 2;
-    if (host_bytes_needed(c, b, T, full, so) <= avail)
+    while (b > 1 && bytes_needed(c, b, T, full, so, dt) > avail) b /= 2;
+    if (bytes_needed(c, b, T, full, so, dt) <= avail)
       msg += "; even --recompute full needs " + format_bytes(need_full) + "; --batch " +
              std::to_string(b) + " with --recompute full fits";
     else
@@ -239,7 +228,8 @@ int cmd_train(int argc, const char* const* argv) {
       .add("out", "out", "checkpoint directory (state.bin and llm.c model.bin)")
       .add("ckpt-every", "0", "checkpoint interval in steps; 0 = only at the end")
       .add("resume", "", "training state file to continue from (bit for bit)")
-      .add("device", "auto", "auto, cpu or cuda")
+      .add("device", "auto", "auto (CUDA when a GPU is found), cpu or cuda")
+      .add("dtype", "auto", "auto (bf16 on CUDA, fp32 on the CPU), bf16 or fp32 (CUDA: TF32 off)")
       .add("log", "", "append one JSON object per step to this file")
       .add("recompute", "none",
            "checkpoint policy: none, selective, attention, full, every:K, budget:BYTES, "
@@ -261,12 +251,10 @@ int cmd_train(int argc, const char* const* argv) {
               "remat train: unexpected argument '" + o.positional()[0] + "'");
 
   // Device.
-  const std::string device = o.get("device");
-  REMAT_CHECK(device == "auto" || device == "cpu" || device == "cuda",
-              "--device must be auto, cpu or cuda, got '" + device + "'");
-  REMAT_CHECK(device != "cuda",
-              "--device cuda: CUDA training is not available yet in remat; use --device cpu");
-  if (device == "auto") std::printf("device: CPU backend (CUDA training is not available yet)\n");
+  BackendChoice bc = choose_backend(o.get("device"), o.get("dtype"));
+  Backend& be = *bc.backend;
+  if (!bc.note.empty()) std::printf("%s\n", bc.note.c_str());
+  std::printf("backend: %s\n", be.describe().c_str());
 
   // Data.
   std::string train_pat = o.get("data"), val_pat = o.get("val-data"), tok_path = o.get("tokenizer");
@@ -334,8 +322,8 @@ int cmd_train(int argc, const char* const* argv) {
   ScheduleOptions so;
   so.lookahead = o.get_count("lookahead");
   so.verify_recompute = o.get_bool("verify-recompute");
-  Plan plan = make_plan(o.get("recompute"), c, B, T, ActDType::kFP32, so, CostModel{});
-  check_fits_in_memory(c, B, T, plan, so, o.get("recompute"));
+  Plan plan = make_plan(o.get("recompute"), c, B, T, be.dtype(), so, CostModel{});
+  check_fits_in_memory(c, B, T, plan, so, o.get("recompute"), be);
   if (params.empty()) {
     params.resize(num_params(c));
     init_params(params.data(), c, seed);
@@ -346,7 +334,7 @@ int cmd_train(int argc, const char* const* argv) {
   if (!val_pat.empty())
     val = std::make_unique<DataLoader>(val_pat, B, T, c.vocab_size, false, seed);
 
-  Trainer tr(c, B, T, accum, h, plan, so, std::move(params));
+  Trainer tr(c, B, T, accum, h, plan, so, std::move(params), &be);
   if (const char* e = std::getenv("REMAT_TEST_NAN_STEPS")) {  // test-only: "A" or "A-B"
     long long a = 0, b = 0;
     int n = std::sscanf(e, "%lld-%lld", &a, &b);

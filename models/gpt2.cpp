@@ -6,21 +6,11 @@
 #include <limits>
 #include <thread>
 
-#include "kernels/attention.h"
-#include "kernels/classifier.h"
 #include "kernels/common.h"
-#include "kernels/encoder.h"
-#include "kernels/gelu.h"
-#include "kernels/layernorm.h"
-#include "kernels/matmul.h"
 #include "models/params.h"
 #include "profiling/nvtx.h"
 
 namespace remat {
-
-int act_bytes(ActDType t) {
-  return t == ActDType::kBF16 ? 2 : 4;
-}
 
 namespace {
 
@@ -70,8 +60,10 @@ struct GPT2Runner::Impl {
   ActDType dtype;
   ScheduleOptions opt;
   bool dry;
-  int es;  // bytes per activation element
+  Backend* be;
+  int es;  // bytes per activation (and weight, gradient) element
   std::array<KindLayout, kNumKinds> layout;
+  std::array<size_t, kNumParamTensors> poff;  // element offset of each parameter tensor
   std::unique_ptr<Stream> main, side;
   std::unique_ptr<Arena> arena;
 
@@ -80,16 +72,24 @@ struct GPT2Runner::Impl {
   std::vector<std::array<Block, kNumKinds>> acts;  // acts[l][kind]
   std::vector<Event> ready;                        // recompute of block l finished (side stream)
   Block lnf;                                       // (N, C) + mean, rstd
-  std::vector<int> inputs, targets;                // host copies for the step's ops
-  float loss = 0;
-  const float* params = nullptr;
-  float* grads = nullptr;
+  std::vector<int> inputs, targets;                // host copies of the step's token ids
+  int* tokens_dev = nullptr;                       // backend copies: inputs (N), targets (N)
+  float* loss_host = nullptr;                      // the classifier's mean loss (alloc_host)
   // verify-recompute: originals of recomputed kinds, [l][kind]
   std::vector<std::array<std::vector<char>, kNumKinds>> shadow;
   bool training_ = true;
 
-  Impl(const GPT2Config& cfg, int b, int t, Plan p, ActDType dt, ScheduleOptions o, bool d)
-      : c(cfg), B(b), T(t), N(b * t), plan(std::move(p)), dtype(dt), opt(o), dry(d) {
+  Impl(const GPT2Config& cfg, int b, int t, Plan p, ActDType dt, ScheduleOptions o, bool d,
+       Backend* backend)
+      : c(cfg),
+        B(b),
+        T(t),
+        N(b * t),
+        plan(std::move(p)),
+        dtype(dt),
+        opt(o),
+        dry(d),
+        be(backend ? backend : cpu_backend()) {
     REMAT_CHECK(B > 0 && T > 0, "batch and sequence length must be positive");
     REMAT_CHECK(T <= c.max_seq_len, "sequence length " + std::to_string(T) +
                                         " exceeds the model's maximum " +
@@ -98,7 +98,10 @@ struct GPT2Runner::Impl {
                 "plan has " + std::to_string(plan.recompute.size()) + " blocks, model has " +
                     std::to_string(c.num_layers));
     REMAT_CHECK(opt.lookahead >= 0, "--lookahead must be >= 0");
-    REMAT_CHECK(dry || dtype == ActDType::kFP32, "the CPU backend computes in fp32");
+    REMAT_CHECK(dry || dtype == be->dtype(), std::string("the ") + be->name() +
+                                                 " backend computes in " +
+                                                 dtype_name(be->dtype()) + ", not " +
+                                                 dtype_name(dtype));
 #ifdef REMAT_INJECT_MISSING_EVENT
     // Test-only build: the missing-event fault (see CMakeLists.txt) in every runner.
     opt.debug_skip_ready_wait = true;
@@ -106,6 +109,7 @@ struct GPT2Runner::Impl {
 #endif
     es = act_bytes(dtype);
     for (int k = 0; k < kNumKinds; k++) layout[k] = kind_layout(c, N, k);
+    poff = param_offsets(c);
     if (dry) {
       main = make_null_stream("main", 0);
       side = make_null_stream("recompute", 1);
@@ -113,17 +117,19 @@ struct GPT2Runner::Impl {
     } else {
       size_t need = 0;
       {
-        Impl probe(cfg, b, t, plan, dt, o, true);
+        Impl probe(cfg, b, t, plan, dt, o, true, be);
         probe.forward_backward(nullptr, nullptr, nullptr, nullptr, 1.0f);
         need = probe.arena->stats().extent_peak;
-        Impl probe_eval(cfg, b, t, plan, dt, o, true);
+        Impl probe_eval(cfg, b, t, plan, dt, o, true, be);
         probe_eval.forward(nullptr, nullptr, false);
-        probe_eval.finish_eval(nullptr, -1, nullptr);
+        probe_eval.finish_eval(nullptr, nullptr, -1, nullptr);
         need = std::max(need, probe_eval.arena->stats().extent_peak);
       }
-      main = make_cpu_stream("remat-main", 0);
-      side = make_cpu_stream("remat-recompute", 1);
-      arena = std::make_unique<Arena>(std::max<size_t>(need, Arena::kAlign), cpu_memory());
+      main = be->make_stream("remat-main", 0);
+      side = be->make_stream("remat-recompute", 1);
+      arena = std::make_unique<Arena>(std::max<size_t>(need, Arena::kAlign), be->memory());
+      tokens_dev = static_cast<int*>(be->alloc(size_t(2) * N * sizeof(int), "token ids"));
+      loss_host = static_cast<float*>(be->alloc_host(sizeof(float)));
     }
     x.resize(c.num_layers + 1);
     acts.resize(c.num_layers);
@@ -134,6 +140,9 @@ struct GPT2Runner::Impl {
   ~Impl() {
     if (main) main->synchronize();
     if (side) side->synchronize();
+    arena.reset();
+    if (tokens_dev) be->release(tokens_dev);
+    if (loss_host) be->release_host(loss_host);
   }
 
   size_t kind_bytes(int k) const {
@@ -150,13 +159,9 @@ struct GPT2Runner::Impl {
   Block alloc_kind(int k, Stream* s, Phase ph) {
     return arena->alloc(kind_bytes(k), s, ph, Usage::kActivation, layout[k].main_name);
   }
-  float* main_ptr(const Block& b) const {
-    return b.f32();
-  }
+  // The fp32 part after an activation's main tensor (LN mean then rstd, or attention lse).
   float* extra_ptr(const Block& b, int k) const {
-    if (!b.ptr) return nullptr;
-    return reinterpret_cast<float*>(static_cast<char*>(b.ptr) +
-                                    align_up(layout[k].main_elems * es));
+    return extra_of(b, layout[k].main_elems);
   }
   Block alloc_nc(Stream* s, Phase ph, Usage u, size_t elems, const char* name, size_t extra = 0) {
     return arena->alloc(align_up(elems * es) + align_up(extra * 4), s, ph, u, name);
@@ -165,34 +170,30 @@ struct GPT2Runner::Impl {
     if (!b.ptr) return nullptr;
     return reinterpret_cast<float*>(static_cast<char*>(b.ptr) + align_up(main_elems * es));
   }
-
-  // Parameter pointers of block l (null in a dry run).
-  struct LayerW {
-    const float *ln1w, *ln1b, *qkvw, *qkvb, *attprojw, *attprojb, *ln2w, *ln2b, *fcw, *fcb,
-        *fcprojw, *fcprojb;
-  };
-  LayerW weights(const float* base, int l) const {
-    LayerW w{};
-    if (!base) return w;
-    ParamView v = view_params(const_cast<float*>(base), c);
-    const size_t C = c.channels;
-    w.ln1w = v.ln1w + l * C;
-    w.ln1b = v.ln1b + l * C;
-    w.qkvw = v.qkvw + l * 3 * C * C;
-    w.qkvb = v.qkvb + l * 3 * C;
-    w.attprojw = v.attprojw + l * C * C;
-    w.attprojb = v.attprojb + l * C;
-    w.ln2w = v.ln2w + l * C;
-    w.ln2b = v.ln2b + l * C;
-    w.fcw = v.fcw + l * 4 * C * C;
-    w.fcb = v.fcb + l * 4 * C;
-    w.fcprojw = v.fcprojw + l * C * 4 * C;
-    w.fcprojb = v.fcprojb + l * C;
-    return w;
+  static float* rstd_of(float* mean, int n) {
+    return mean ? mean + n : nullptr;
   }
-  float* grad_of(float* base, int tensor, int l, size_t per_layer) const {
+
+  // Element `tensor`'s slice for block l (per_layer elements per block) within a flat buffer
+  // of the backend's dtype; nullptr for a null base (dry run).
+  void* tensor_of(const void* base, int tensor, int l = 0, size_t per_layer = 0) const {
     if (!base) return nullptr;
-    return base + param_offsets(c)[tensor] + l * per_layer;
+    return const_cast<char*>(static_cast<const char*>(base)) + (poff[tensor] + l * per_layer) * es;
+  }
+
+  // Parameter (or gradient) pointers of block l in a flat buffer.
+  struct LayerW {
+    void *ln1w, *ln1b, *qkvw, *qkvb, *attprojw, *attprojb, *ln2w, *ln2b, *fcw, *fcb, *fcprojw,
+        *fcprojb;
+  };
+  LayerW layer(const void* base, int l) const {
+    const size_t C = c.channels;
+    return LayerW{tensor_of(base, 2, l, C),          tensor_of(base, 3, l, C),
+                  tensor_of(base, 4, l, 3 * C * C),  tensor_of(base, 5, l, 3 * C),
+                  tensor_of(base, 6, l, C * C),      tensor_of(base, 7, l, C),
+                  tensor_of(base, 8, l, C),          tensor_of(base, 9, l, C),
+                  tensor_of(base, 10, l, 4 * C * C), tensor_of(base, 11, l, 4 * C),
+                  tensor_of(base, 12, l, C * 4 * C), tensor_of(base, 13, l, C)};
   }
 
   bool recomputed(int l, K k, bool training) const {
@@ -202,12 +203,9 @@ struct GPT2Runner::Impl {
   // Copies a kind's bytes aside before it is freed (verify-recompute).
   void save_shadow(int l, int k) {
     if (!opt.verify_recompute || dry || !training_) return;
-    std::vector<char>* dst = &shadow[l][k];
-    const Block b = acts[l][k];
-    const size_t n = kind_bytes(k);
-    main->launch(
-        [dst, b, n] { dst->assign(static_cast<char*>(b.ptr), static_cast<char*>(b.ptr) + n); },
-        "verify.save", l);
+    std::vector<char>& dst = shadow[l][k];
+    dst.resize(kind_bytes(k));
+    be->copy_to_host(main.get(), dst.data(), acts[l][k].ptr, dst.size(), "verify.save", l);
   }
 
   void free_kind(int l, int k, Stream* s) {
@@ -216,95 +214,71 @@ struct GPT2Runner::Impl {
 
   // ---- forward ----
   // training = false: every activation is freed after its last forward use (evaluation).
-  void forward(const float* P, const int* in, bool training) {
+  void forward(const void* P, const int* tok, bool training) {
     training_ = training;
     const int L = c.num_layers, C = c.channels, NH = c.num_heads;
-    const int Bv = B, Tv = T, Nv = N;
     Stream* s = main.get();
     const Phase ph = Phase::kForward;
-    ParamView pv{};
-    if (P) pv = view_params(const_cast<float*>(P), c);
-    const int* tok = in;
     x[0] = alloc_nc(s, ph, Usage::kActivation, size_t(N) * C, "x");
-    {
-      float* out = x[0].f32();
-      const float *wte = pv.wte, *wpe = pv.wpe;
-      s->launch([=] { cpu::encoder_forward(out, tok, wte, wpe, Bv, Tv, C); }, "fwd.encoder");
-    }
+    be->encoder_forward(s, x[0].ptr, tok, tensor_of(P, 0), tensor_of(P, 1), B, T, C);
     // LN1 of block 0 (later blocks get theirs from the fused residual at the block boundary).
-    acts[0][ki(K::kLN1)] = alloc_kind(ki(K::kLN1), s, ph);
     {
-      LayerW w = weights(P, 0);
-      float* out = main_ptr(acts[0][ki(K::kLN1)]);
-      float* st = extra_ptr(acts[0][ki(K::kLN1)], ki(K::kLN1));
-      const float* xin = x[0].f32();
-      s->launch(
-          [=] {
-            cpu::layernorm_forward(out, st, st ? st + Nv : nullptr, xin, w.ln1w, w.ln1b, Nv, C);
-          },
-          "fwd.ln1", 0);
+      Block& ln1 = acts[0][ki(K::kLN1)];
+      ln1 = alloc_kind(ki(K::kLN1), s, ph);
+      float* st = extra_ptr(ln1, ki(K::kLN1));
+      const LayerW w = layer(P, 0);
+      be->layernorm_forward(s, ln1.ptr, st, rstd_of(st, N), x[0].ptr, w.ln1w, w.ln1b, N, C,
+                            "fwd.ln1", 0);
     }
     for (int l = 0; l < L; l++) {
       NvtxRange nvtx_block("forward.block", l);
-      LayerW w = weights(P, l);
+      const LayerW w = layer(P, l);
       auto& A = acts[l];
-      const float* ln1 = main_ptr(A[ki(K::kLN1)]);
       A[ki(K::kQKV)] = alloc_kind(ki(K::kQKV), s, ph);
-      float* qkv = main_ptr(A[ki(K::kQKV)]);
-      s->launch([=] { cpu::matmul_forward(qkv, ln1, w.qkvw, w.qkvb, Nv, C, 3 * C); }, "fwd.qkv", l);
+      void* qkv = A[ki(K::kQKV)].ptr;
+      be->matmul_forward(s, qkv, A[ki(K::kLN1)].ptr, w.qkvw, w.qkvb, N, C, 3 * C, "fwd.qkv", l);
       if (recomputed(l, K::kLN1, training)) {
         save_shadow(l, ki(K::kLN1));
         free_kind(l, ki(K::kLN1), s);
       }
       A[ki(K::kAttn)] = alloc_kind(ki(K::kAttn), s, ph);
-      float* atty = main_ptr(A[ki(K::kAttn)]);
-      float* lse = extra_ptr(A[ki(K::kAttn)], ki(K::kAttn));
-      s->launch([=] { cpu::attention_forward(atty, lse, qkv, Bv, Tv, C, NH); }, "fwd.attention", l);
+      void* atty = A[ki(K::kAttn)].ptr;
+      be->attention_forward(s, atty, extra_ptr(A[ki(K::kAttn)], ki(K::kAttn)), qkv, B, T, C, NH,
+                            "fwd.attention", l);
       if (recomputed(l, K::kQKV, training)) {
         save_shadow(l, ki(K::kQKV));
         free_kind(l, ki(K::kQKV), s);
       }
       Block tmp = alloc_nc(s, ph, Usage::kActivation, size_t(N) * C, "attproj");
-      float* proj = tmp.f32();
-      s->launch([=] { cpu::matmul_forward(proj, atty, w.attprojw, w.attprojb, Nv, C, C); },
-                "fwd.attproj", l);
+      be->matmul_forward(s, tmp.ptr, atty, w.attprojw, w.attprojb, N, C, C, "fwd.attproj", l);
       if (recomputed(l, K::kAttn, training)) {
         save_shadow(l, ki(K::kAttn));
         free_kind(l, ki(K::kAttn), s);
       }
       A[ki(K::kR2)] = alloc_kind(ki(K::kR2), s, ph);
       A[ki(K::kLN2)] = alloc_kind(ki(K::kLN2), s, ph);
-      float* r2 = main_ptr(A[ki(K::kR2)]);
-      float* ln2 = main_ptr(A[ki(K::kLN2)]);
+      void* ln2 = A[ki(K::kLN2)].ptr;
       float* st2 = extra_ptr(A[ki(K::kLN2)], ki(K::kLN2));
-      const float* xin = x[l].f32();
-      s->launch(
-          [=] {
-            cpu::residual_layernorm_forward(r2, ln2, st2, st2 ? st2 + Nv : nullptr, xin, proj,
-                                            w.ln2w, w.ln2b, Nv, C);
-          },
-          "fwd.residual_ln2", l);
+      be->residual_layernorm_forward(s, A[ki(K::kR2)].ptr, ln2, st2, rstd_of(st2, N), x[l].ptr,
+                                     tmp.ptr, w.ln2w, w.ln2b, N, C, "fwd.residual_ln2", l);
       arena->free(tmp, s);
       if (!training) arena->free(x[l], s);
       A[ki(K::kFCH)] = alloc_kind(ki(K::kFCH), s, ph);
-      float* fch = main_ptr(A[ki(K::kFCH)]);
-      s->launch([=] { cpu::matmul_forward(fch, ln2, w.fcw, w.fcb, Nv, C, 4 * C); }, "fwd.fc", l);
+      void* fch = A[ki(K::kFCH)].ptr;
+      be->matmul_forward(s, fch, ln2, w.fcw, w.fcb, N, C, 4 * C, "fwd.fc", l);
       if (recomputed(l, K::kLN2, training)) {
         save_shadow(l, ki(K::kLN2));
         free_kind(l, ki(K::kLN2), s);
       }
       A[ki(K::kGELU)] = alloc_kind(ki(K::kGELU), s, ph);
-      float* gelu = main_ptr(A[ki(K::kGELU)]);
-      const size_t n4 = size_t(N) * 4 * C;
-      s->launch([=] { cpu::gelu_forward(gelu, fch, n4); }, "fwd.gelu", l);
+      void* gelu = A[ki(K::kGELU)].ptr;
+      be->gelu_forward(s, gelu, fch, size_t(N) * 4 * C, "fwd.gelu", l);
       if (recomputed(l, K::kFCH, training)) {
         save_shadow(l, ki(K::kFCH));
         free_kind(l, ki(K::kFCH), s);
       }
       Block tmp2 = alloc_nc(s, ph, Usage::kActivation, size_t(N) * C, "fcproj");
-      float* fcp = tmp2.f32();
-      s->launch([=] { cpu::matmul_forward(fcp, gelu, w.fcprojw, w.fcprojb, Nv, 4 * C, C); },
-                "fwd.fcproj", l);
+      be->matmul_forward(s, tmp2.ptr, gelu, w.fcprojw, w.fcprojb, N, 4 * C, C, "fwd.fcproj", l);
       if (recomputed(l, K::kGELU, training)) {
         save_shadow(l, ki(K::kGELU));
         free_kind(l, ki(K::kGELU), s);
@@ -312,29 +286,26 @@ struct GPT2Runner::Impl {
       // Block boundary: x[l+1] = r2 + fcproj, fused with the next LayerNorm (ln1 of block
       // l+1, or the final LayerNorm).
       x[l + 1] = alloc_nc(s, ph, Usage::kActivation, size_t(N) * C, "x");
-      float* xn = x[l + 1].f32();
-      const float *nw, *nb;
-      float *ln_out, *ln_st;
+      void *nw, *nb, *ln_out;
+      float* ln_st;
       if (l + 1 < L) {
-        acts[l + 1][ki(K::kLN1)] = alloc_kind(ki(K::kLN1), s, ph);
-        LayerW w1 = weights(P, l + 1);
+        Block& next = acts[l + 1][ki(K::kLN1)];
+        next = alloc_kind(ki(K::kLN1), s, ph);
+        const LayerW w1 = layer(P, l + 1);
         nw = w1.ln1w;
         nb = w1.ln1b;
-        ln_out = main_ptr(acts[l + 1][ki(K::kLN1)]);
-        ln_st = extra_ptr(acts[l + 1][ki(K::kLN1)], ki(K::kLN1));
+        ln_out = next.ptr;
+        ln_st = extra_ptr(next, ki(K::kLN1));
       } else {
         lnf = alloc_nc(s, ph, Usage::kActivation, size_t(N) * C, "lnf", 2 * size_t(N));
-        nw = pv.lnfw;
-        nb = pv.lnfb;
-        ln_out = lnf.f32();
+        nw = tensor_of(P, 14);
+        nb = tensor_of(P, 15);
+        ln_out = lnf.ptr;
         ln_st = extra_of(lnf, size_t(N) * C);
       }
-      s->launch(
-          [=] {
-            cpu::residual_layernorm_forward(xn, ln_out, ln_st, ln_st ? ln_st + Nv : nullptr, r2,
-                                            fcp, nw, nb, Nv, C);
-          },
-          l + 1 < L ? "fwd.residual_ln1" : "fwd.residual_lnf", l);
+      be->residual_layernorm_forward(s, x[l + 1].ptr, ln_out, ln_st, rstd_of(ln_st, N),
+                                     A[ki(K::kR2)].ptr, tmp2.ptr, nw, nb, N, C,
+                                     l + 1 < L ? "fwd.residual_ln1" : "fwd.residual_lnf", l);
       arena->free(tmp2, s);
       if (recomputed(l, K::kR2, training)) {
         save_shadow(l, ki(K::kR2));
@@ -349,212 +320,181 @@ struct GPT2Runner::Impl {
   }
 
   // ---- recompute of block l on the side stream: rebuild every kind the plan freed ----
-  void recompute(int l, const float* P) {
+  void recompute(int l, const void* P) {
     NvtxRange nvtx_block("recompute.block", l);
     const KindSet& R = plan.recompute[l];
     Stream* s = side.get();
     const Phase ph = Phase::kRecompute;
-    const int C = c.channels, NH = c.num_heads, Bv = B, Tv = T, Nv = N;
-    LayerW w = weights(P, l);
+    const int C = c.channels, NH = c.num_heads;
+    const LayerW w = layer(P, l);
     auto& A = acts[l];
     if (opt.debug_recompute_delay_ms > 0 && !dry) {
       int ms = opt.debug_recompute_delay_ms;
-      s->launch([ms] { std::this_thread::sleep_for(std::chrono::milliseconds(ms)); }, "debug.delay",
-                l);
+      be->host_task(
+          s, [ms] { std::this_thread::sleep_for(std::chrono::milliseconds(ms)); }, "debug.delay",
+          l);
     }
-    const float* xin = x[l].f32();
+    const void* xin = x[l].ptr;
     if (R[ki(K::kLN1)]) {
       A[ki(K::kLN1)] = alloc_kind(ki(K::kLN1), s, ph);
-      float* out = main_ptr(A[ki(K::kLN1)]);
       float* st = extra_ptr(A[ki(K::kLN1)], ki(K::kLN1));
-      s->launch(
-          [=] {
-            cpu::layernorm_forward(out, st, st ? st + Nv : nullptr, xin, w.ln1w, w.ln1b, Nv, C);
-          },
-          "recompute.ln1", l);
+      be->layernorm_forward(s, A[ki(K::kLN1)].ptr, st, rstd_of(st, N), xin, w.ln1w, w.ln1b, N, C,
+                            "recompute.ln1", l);
     }
-    const float* ln1 = main_ptr(A[ki(K::kLN1)]);
     if (R[ki(K::kQKV)]) {
       A[ki(K::kQKV)] = alloc_kind(ki(K::kQKV), s, ph);
-      float* qkv = main_ptr(A[ki(K::kQKV)]);
-      s->launch([=] { cpu::matmul_forward(qkv, ln1, w.qkvw, w.qkvb, Nv, C, 3 * C); },
-                "recompute.qkv", l);
+      be->matmul_forward(s, A[ki(K::kQKV)].ptr, A[ki(K::kLN1)].ptr, w.qkvw, w.qkvb, N, C, 3 * C,
+                         "recompute.qkv", l);
     }
-    const float* qkv = main_ptr(A[ki(K::kQKV)]);
     if (R[ki(K::kAttn)]) {
       A[ki(K::kAttn)] = alloc_kind(ki(K::kAttn), s, ph);
-      float* atty = main_ptr(A[ki(K::kAttn)]);
-      float* lse = extra_ptr(A[ki(K::kAttn)], ki(K::kAttn));
-      s->launch([=] { cpu::attention_forward(atty, lse, qkv, Bv, Tv, C, NH); },
-                "recompute.attention", l);
+      be->attention_forward(s, A[ki(K::kAttn)].ptr, extra_ptr(A[ki(K::kAttn)], ki(K::kAttn)),
+                            A[ki(K::kQKV)].ptr, B, T, C, NH, "recompute.attention", l);
     }
-    const float* atty = main_ptr(A[ki(K::kAttn)]);
     if (R[ki(K::kR2)]) {
       Block tmp = alloc_nc(s, ph, Usage::kActivation, size_t(N) * C, "attproj");
-      float* proj = tmp.f32();
-      s->launch([=] { cpu::matmul_forward(proj, atty, w.attprojw, w.attprojb, Nv, C, C); },
-                "recompute.attproj", l);
+      be->matmul_forward(s, tmp.ptr, A[ki(K::kAttn)].ptr, w.attprojw, w.attprojb, N, C, C,
+                         "recompute.attproj", l);
       A[ki(K::kR2)] = alloc_kind(ki(K::kR2), s, ph);
       // The fused op also writes LayerNorm 2: into LN2's own block when it is being rebuilt
       // too, else into scratch (the kept LN2 must not be written while it may be read).
       Block ln2b;
-      bool ln2_scratch = !R[ki(K::kLN2)];
+      const bool ln2_scratch = !R[ki(K::kLN2)];
       if (ln2_scratch)
         ln2b = alloc_kind(ki(K::kLN2), s, ph);
       else
         A[ki(K::kLN2)] = ln2b = alloc_kind(ki(K::kLN2), s, ph);
-      float* r2 = main_ptr(A[ki(K::kR2)]);
-      float* ln2 = main_ptr(ln2b);
       float* st2 = extra_ptr(ln2b, ki(K::kLN2));
-      s->launch(
-          [=] {
-            cpu::residual_layernorm_forward(r2, ln2, st2, st2 ? st2 + Nv : nullptr, xin, proj,
-                                            w.ln2w, w.ln2b, Nv, C);
-          },
-          "recompute.residual_ln2", l);
+      be->residual_layernorm_forward(s, A[ki(K::kR2)].ptr, ln2b.ptr, st2, rstd_of(st2, N), xin,
+                                     tmp.ptr, w.ln2w, w.ln2b, N, C, "recompute.residual_ln2", l);
       arena->free(tmp, s);
       if (ln2_scratch) arena->free(ln2b, s);
     } else if (R[ki(K::kLN2)]) {
       A[ki(K::kLN2)] = alloc_kind(ki(K::kLN2), s, ph);
-      float* ln2 = main_ptr(A[ki(K::kLN2)]);
       float* st2 = extra_ptr(A[ki(K::kLN2)], ki(K::kLN2));
-      const float* r2 = main_ptr(A[ki(K::kR2)]);
-      s->launch(
-          [=] {
-            cpu::layernorm_forward(ln2, st2, st2 ? st2 + Nv : nullptr, r2, w.ln2w, w.ln2b, Nv, C);
-          },
-          "recompute.ln2", l);
+      be->layernorm_forward(s, A[ki(K::kLN2)].ptr, st2, rstd_of(st2, N), A[ki(K::kR2)].ptr,
+                            w.ln2w, w.ln2b, N, C, "recompute.ln2", l);
     }
-    const float* ln2 = main_ptr(A[ki(K::kLN2)]);
     if (R[ki(K::kFCH)]) {
       A[ki(K::kFCH)] = alloc_kind(ki(K::kFCH), s, ph);
-      float* fch = main_ptr(A[ki(K::kFCH)]);
-      s->launch([=] { cpu::matmul_forward(fch, ln2, w.fcw, w.fcb, Nv, C, 4 * C); }, "recompute.fc",
-                l);
+      be->matmul_forward(s, A[ki(K::kFCH)].ptr, A[ki(K::kLN2)].ptr, w.fcw, w.fcb, N, C, 4 * C,
+                         "recompute.fc", l);
     }
-    const float* fch = main_ptr(A[ki(K::kFCH)]);
     if (R[ki(K::kGELU)]) {
       A[ki(K::kGELU)] = alloc_kind(ki(K::kGELU), s, ph);
-      float* gelu = main_ptr(A[ki(K::kGELU)]);
-      const size_t n4 = size_t(N) * 4 * C;
-      s->launch([=] { cpu::gelu_forward(gelu, fch, n4); }, "recompute.gelu", l);
+      be->gelu_forward(s, A[ki(K::kGELU)].ptr, A[ki(K::kFCH)].ptr, size_t(N) * 4 * C,
+                       "recompute.gelu", l);
     }
     ready[l] = s->record();
   }
 
-  // Compares each recomputed kind of block l with its forward original (main stream, after
-  // the ready event). Throws from the stream, naming block, tensor and index.
+  // Compares each recomputed kind of block l with its forward original, bit for bit (on the
+  // main stream's order, after the ready event). Throws, naming block, tensor and index.
   void verify(int l) {
     if (!opt.verify_recompute || dry) return;
     for (int k = 0; k < kNumKinds; k++) {
       if (!plan.recompute[l][k]) continue;
+      auto now = std::make_shared<std::vector<char>>(kind_bytes(k));
+      be->copy_to_host(main.get(), now->data(), acts[l][k].ptr, now->size(), "verify.load", l);
       const std::vector<char>* orig = &shadow[l][k];
-      const Block b = acts[l][k];
       const KindLayout lay = layout[k];
-      const size_t extra_off = align_up(lay.main_elems * 4);
-      main->launch(
-          [orig, b, lay, extra_off, l] {
-            const char* now = static_cast<const char*>(b.ptr);
-            auto check = [&](size_t off, size_t elems, const char* name) {
-              const float* a = reinterpret_cast<const float*>(orig->data() + off);
-              const float* r = reinterpret_cast<const float*>(now + off);
-              if (std::memcmp(a, r, elems * 4) == 0) return;
+      const size_t extra_off = align_up(lay.main_elems * es);
+      const int esz = es;
+      be->host_task(
+          main.get(),
+          [orig, now, lay, extra_off, l, esz] {
+            auto check = [&](size_t off, size_t elems, int size, const char* name) {
+              const char* a = orig->data() + off;
+              const char* r = now->data() + off;
+              if (std::memcmp(a, r, elems * size) == 0) return;
               for (size_t i = 0; i < elems; i++) {
-                if (std::memcmp(a + i, r + i, 4) != 0) {
+                if (std::memcmp(a + i * size, r + i * size, size) != 0) {
                   throw Error("verify-recompute: block " + std::to_string(l) + " tensor " + name +
                               " differs at index " + std::to_string(i) + ": forward " +
-                              std::to_string(a[i]) + ", recompute " + std::to_string(r[i]));
+                              element_string(a + i * size, size) + ", recompute " +
+                              element_string(r + i * size, size));
                 }
               }
             };
-            check(0, lay.main_elems, lay.main_name);
-            if (lay.extra_elems) check(extra_off, lay.extra_elems, lay.extra_name);
+            check(0, lay.main_elems, esz, lay.main_name);
+            if (lay.extra_elems) check(extra_off, lay.extra_elems, 4, lay.extra_name);
           },
           "verify.compare", l);
     }
   }
+  // One stored element (fp32, or bf16 as the top half of an fp32) as text.
+  static std::string element_string(const char* p, int size) {
+    uint32_t bits = 0;
+    if (size == 2) {
+      uint16_t h;
+      std::memcpy(&h, p, 2);
+      bits = uint32_t(h) << 16;
+    } else {
+      std::memcpy(&bits, p, 4);
+    }
+    float f;
+    std::memcpy(&f, &bits, 4);
+    return std::to_string(f);
+  }
 
   // ---- backward of block l on the main stream; dres holds d x[l+1] and becomes d x[l] ----
-  void backward_block(int l, const float* P, float* G, float* dres, float* scr4, float* scrC) {
+  void backward_block(int l, const void* P, void* G, void* dres, void* scr4, void* scrC) {
     NvtxRange nvtx_block("backward.block", l);
-    const int C = c.channels, NH = c.num_heads, Bv = B, Tv = T, Nv = N;
+    const int C = c.channels, NH = c.num_heads;
     Stream* s = main.get();
-    LayerW w = weights(P, l);
+    const LayerW w = layer(P, l), g = layer(G, l);
     auto& A = acts[l];
-    const float* ln1 = main_ptr(A[ki(K::kLN1)]);
     const float* st1 = extra_ptr(A[ki(K::kLN1)], ki(K::kLN1));
-    const float* qkv = main_ptr(A[ki(K::kQKV)]);
-    const float* atty = main_ptr(A[ki(K::kAttn)]);
-    const float* lse = extra_ptr(A[ki(K::kAttn)], ki(K::kAttn));
-    const float* r2 = main_ptr(A[ki(K::kR2)]);
-    const float* ln2 = main_ptr(A[ki(K::kLN2)]);
     const float* st2 = extra_ptr(A[ki(K::kLN2)], ki(K::kLN2));
-    const float* fch = main_ptr(A[ki(K::kFCH)]);
-    const float* gelu = main_ptr(A[ki(K::kGELU)]);
-    const float* xin = x[l].f32();
-    const size_t Cs = C;
-    float* g_ln1w = grad_of(G, 2, l, Cs);
-    float* g_ln1b = grad_of(G, 3, l, Cs);
-    float* g_qkvw = grad_of(G, 4, l, 3 * Cs * Cs);
-    float* g_qkvb = grad_of(G, 5, l, 3 * Cs);
-    float* g_attprojw = grad_of(G, 6, l, Cs * Cs);
-    float* g_attprojb = grad_of(G, 7, l, Cs);
-    float* g_ln2w = grad_of(G, 8, l, Cs);
-    float* g_ln2b = grad_of(G, 9, l, Cs);
-    float* g_fcw = grad_of(G, 10, l, 4 * Cs * Cs);
-    float* g_fcb = grad_of(G, 11, l, 4 * Cs);
-    float* g_fcprojw = grad_of(G, 12, l, Cs * 4 * Cs);
-    float* g_fcprojb = grad_of(G, 13, l, Cs);
-    const size_t n4 = size_t(N) * 4 * C;
-    s->launch(
-        [=] {
-          cpu::matmul_backward(scr4, g_fcprojw, g_fcprojb, dres, gelu, w.fcprojw, Nv, 4 * C, C);
-        },
-        "bwd.fcproj", l);
-    s->launch([=] { cpu::gelu_backward(scr4, fch, scr4, n4); }, "bwd.gelu", l);
-    s->launch([=] { cpu::matmul_backward(scrC, g_fcw, g_fcb, scr4, ln2, w.fcw, Nv, C, 4 * C); },
-              "bwd.fc", l);
-    s->launch(
-        [=] {
-          cpu::layernorm_backward(dres, g_ln2w, g_ln2b, scrC, r2, w.ln2w, st2,
-                                  st2 ? st2 + Nv : nullptr, Nv, C);
-        },
-        "bwd.ln2", l);
-    s->launch(
-        [=] {
-          cpu::matmul_backward(scrC, g_attprojw, g_attprojb, dres, atty, w.attprojw, Nv, C, C);
-        },
-        "bwd.attproj", l);
-    s->launch([=] { cpu::attention_backward(scr4, scrC, qkv, atty, lse, Bv, Tv, C, NH); },
-              "bwd.attention", l);
-    s->launch([=] { cpu::matmul_backward(scrC, g_qkvw, g_qkvb, scr4, ln1, w.qkvw, Nv, C, 3 * C); },
-              "bwd.qkv", l);
-    s->launch(
-        [=] {
-          cpu::layernorm_backward(dres, g_ln1w, g_ln1b, scrC, xin, w.ln1w, st1,
-                                  st1 ? st1 + Nv : nullptr, Nv, C);
-        },
-        "bwd.ln1", l);
+    const float* lse = extra_ptr(A[ki(K::kAttn)], ki(K::kAttn));
+    const void* atty = A[ki(K::kAttn)].ptr;
+    be->matmul_backward(s, scr4, g.fcprojw, g.fcprojb, dres, A[ki(K::kGELU)].ptr, w.fcprojw, N,
+                        4 * C, C, "bwd.fcproj", l);
+    be->gelu_backward(s, scr4, A[ki(K::kFCH)].ptr, scr4, size_t(N) * 4 * C, "bwd.gelu", l);
+    be->matmul_backward(s, scrC, g.fcw, g.fcb, scr4, A[ki(K::kLN2)].ptr, w.fcw, N, C, 4 * C,
+                        "bwd.fc", l);
+    be->layernorm_backward(s, dres, g.ln2w, g.ln2b, scrC, A[ki(K::kR2)].ptr, w.ln2w, st2,
+                           st2 ? st2 + N : nullptr, N, C, "bwd.ln2", l);
+    be->matmul_backward(s, scrC, g.attprojw, g.attprojb, dres, atty, w.attprojw, N, C, C,
+                        "bwd.attproj", l);
+    be->attention_backward(s, scr4, scrC, A[ki(K::kQKV)].ptr, atty, lse, B, T, C, NH,
+                           "bwd.attention", l);
+    be->matmul_backward(s, scrC, g.qkvw, g.qkvb, scr4, A[ki(K::kLN1)].ptr, w.qkvw, N, C, 3 * C,
+                        "bwd.qkv", l);
+    be->layernorm_backward(s, dres, g.ln1w, g.ln1b, scrC, x[l].ptr, w.ln1w, st1,
+                           st1 ? st1 + N : nullptr, N, C, "bwd.ln1", l);
     for (int k = 0; k < kNumKinds; k++) free_kind(l, k, s);
     arena->free(x[l], s);
   }
 
-  float forward_backward(const float* P, float* G, const int* in, const int* tg, float dloss) {
-    const int L = c.num_layers, C = c.channels, V = c.vocab_size, Vp = c.padded_vocab;
-    const int Nv = N;
-    if (!dry) {
-      inputs.assign(in, in + N);
-      targets.assign(tg, tg + N);
+  // Copies the step's token ids to the backend (the host copies live until the step ends).
+  void stage_tokens(const int* in, const int* tg) {
+    if (dry) return;
+    const size_t n = size_t(N);
+    if (in) {
+      inputs.assign(in, in + n);
+      be->upload_async(main.get(), tokens_dev, inputs.data(), n * sizeof(int), "upload.inputs");
     }
-    const int* tok = dry ? nullptr : inputs.data();
-    const int* tgt = dry ? nullptr : targets.data();
-    forward(P, tok, true);
+    if (tg) {
+      targets.assign(tg, tg + n);
+      be->upload_async(main.get(), tokens_dev + n, targets.data(), n * sizeof(int),
+                       "upload.targets");
+    }
+  }
+  const int* dev_inputs() const {
+    return tokens_dev;
+  }
+  const int* dev_targets() const {
+    return tokens_dev ? tokens_dev + N : nullptr;
+  }
+
+  float forward_backward(const void* P, void* G, const int* in, const int* tg, float dloss) {
+    const int L = c.num_layers, C = c.channels, V = c.vocab_size, Vp = c.padded_vocab;
+    stage_tokens(in, tg);
+    forward(P, dev_inputs(), true);
     // The side stream may start rebuilding once the forward pass has produced its inputs.
     Event fwd_done = main->record();
     side->wait(fwd_done);
-    ParamView pv{}, gv{};
-    if (P) pv = view_params(const_cast<float*>(P), c);
-    if (G) gv = view_params(G, c);
     Stream* s = main.get();
     int next_rc = L - 1;  // next block to hand to the side stream
     auto issue_recompute_down_to = [&](int lowest) {
@@ -575,33 +515,17 @@ struct GPT2Runner::Impl {
     issue_recompute_down_to(L - 1 - opt.lookahead);
     {
       NvtxRange nvtx_classifier("classifier");
-      float *lo = losses.f32(), *dx = dlnf.f32(), *ws = logits.f32();
-      const float *xf = lnf.f32(), *wte = pv.wte;
-      float* dwte = gv.wte;
-      float* out = &loss;
-      s->launch(
-          [=] {
-            *out = cpu::classifier_forward_backward(lo, dx, dwte, xf, wte, tgt, Nv, C, V, Vp, dloss,
-                                                    ws, chunk);
-          },
-          "classifier");
+      be->classifier(s, losses.f32(), dlnf.ptr, tensor_of(G, 0), lnf.ptr, tensor_of(P, 0),
+                     dev_targets(), N, C, V, Vp, dloss, logits.ptr, chunk, loss_host);
     }
     arena->free(logits, s);
     arena->free(losses, s);
     Block dres = alloc_nc(s, ph, Usage::kWorkspace, size_t(N) * C, "dresidual");
     {
-      float* d = dres.f32();
-      const float *dx = dlnf.f32(), *xL = x[L].f32();
       const float* st = extra_of(lnf, size_t(N) * C);
-      const float* w = pv.lnfw;
-      float *gw = gv.lnfw, *gb = gv.lnfb;
-      const size_t n = size_t(N) * C;
-      s->launch(
-          [=] {
-            std::memset(d, 0, n * sizeof(float));
-            cpu::layernorm_backward(d, gw, gb, dx, xL, w, st, st ? st + Nv : nullptr, Nv, C);
-          },
-          "bwd.lnf");
+      be->zero(s, dres.ptr, size_t(N) * C * es, "bwd.zero_dresidual");
+      be->layernorm_backward(s, dres.ptr, tensor_of(G, 14), tensor_of(G, 15), dlnf.ptr, x[L].ptr,
+                             tensor_of(P, 14), st, st ? st + N : nullptr, N, C, "bwd.lnf", -1);
     }
     arena->free(dlnf, s);
     arena->free(lnf, s);
@@ -614,84 +538,64 @@ struct GPT2Runner::Impl {
         if (!opt.debug_skip_ready_wait) s->wait(ready[l]);
         verify(l);
       }
-      backward_block(l, P, G, dres.f32(), scr4.f32(), scrC.f32());
+      backward_block(l, P, G, dres.ptr, scr4.ptr, scrC.ptr);
     }
-    {
-      const float* d = dres.f32();
-      float *dwte = gv.wte, *dwpe = gv.wpe;
-      const int Bv = B, Tv = T;
-      s->launch([=] { cpu::encoder_backward(dwte, dwpe, d, tok, Bv, Tv, C); }, "bwd.encoder");
-    }
+    be->encoder_backward(s, tensor_of(G, 0), tensor_of(G, 1), dres.ptr, dev_inputs(), B, T, C,
+                         Vp);
     arena->free(scr4, s);
     arena->free(scrC, s);
     arena->free(dres, s);
     side->synchronize();
     main->synchronize();
-    return loss;
+    return loss_host ? *loss_host : 0.0f;
   }
 
   // After forward(.., false): the loss (targets) or the logits of one row (pos >= 0).
-  float finish_eval(const int* tg, int pos, float* logits_out) {
-    const int C = c.channels, V = c.vocab_size, Vp = c.padded_vocab, Nv = N;
+  float finish_eval(const void* P, const int* tg, int pos, float* logits_out) {
+    const int C = c.channels, V = c.vocab_size, Vp = c.padded_vocab;
     Stream* s = main.get();
     const Phase ph = Phase::kForward;
-    ParamView pv{};
-    if (params) pv = view_params(const_cast<float*>(params), c);
     if (pos >= 0) {
-      const float* row = lnf.ptr ? lnf.f32() + size_t(pos) * C : nullptr;
-      const float* wte = pv.wte;
-      s->launch([=] { cpu::classifier_logits(logits_out, row, wte, 1, C, V, Vp); },
-                "classifier.logits");
+      const void* row = lnf.ptr ? static_cast<const char*>(lnf.ptr) + size_t(pos) * C * es : nullptr;
+      be->classifier_logits(s, logits_out, row, tensor_of(P, 0), 1, C, V, Vp);
     } else {
       const int chunk = classifier_chunk();
       Block logits = arena->alloc(size_t(chunk) * Vp * es, s, ph, Usage::kWorkspace, "logits");
       Block losses = arena->alloc(size_t(N) * 4, s, ph, Usage::kWorkspace, "losses");
-      float *lo = losses.f32(), *ws = logits.f32();
-      const float *xf = lnf.f32(), *wte = pv.wte;
-      float* out = &loss;
-      s->launch(
-          [=] {
-            *out = cpu::classifier_forward_backward(lo, nullptr, nullptr, xf, wte, tg, Nv, C, V, Vp,
-                                                    0.0f, ws, chunk);
-          },
-          "classifier");
+      be->classifier(s, losses.f32(), nullptr, nullptr, lnf.ptr, tensor_of(P, 0), tg, N, C, V, Vp,
+                     0.0f, logits.ptr, chunk, loss_host);
       arena->free(logits, s);
       arena->free(losses, s);
     }
     arena->free(lnf, s);
     main->synchronize();
-    return loss;
+    return loss_host ? *loss_host : 0.0f;
   }
 };
 
 GPT2Runner::GPT2Runner(const GPT2Config& c, int B, int T, Plan plan, ActDType dtype,
-                       ScheduleOptions opt, bool dry)
-    : impl_(std::make_unique<Impl>(c, B, T, std::move(plan), dtype, opt, dry)) {}
+                       ScheduleOptions opt, bool dry, Backend* backend)
+    : impl_(std::make_unique<Impl>(c, B, T, std::move(plan), dtype, opt, dry, backend)) {}
 GPT2Runner::~GPT2Runner() = default;
 
-float GPT2Runner::forward_backward(const float* params, float* grads, const int* inputs,
+float GPT2Runner::forward_backward(const void* params, void* grads, const int* inputs,
                                    const int* targets, float dloss) {
-  impl_->params = params;
-  impl_->grads = grads;
   return impl_->forward_backward(params, grads, inputs, targets, dloss);
 }
 
-float GPT2Runner::forward_loss(const float* params, const int* inputs, const int* targets) {
+float GPT2Runner::forward_loss(const void* params, const int* inputs, const int* targets) {
   Impl& m = *impl_;
-  m.params = params;
-  m.inputs.assign(inputs, inputs + m.N);
-  m.targets.assign(targets, targets + m.N);
-  m.forward(params, m.inputs.data(), false);
-  return m.finish_eval(m.targets.data(), -1, nullptr);
+  m.stage_tokens(inputs, targets);
+  m.forward(params, m.dev_inputs(), false);
+  return m.finish_eval(params, m.dev_targets(), -1, nullptr);
 }
 
-void GPT2Runner::forward_logits(const float* params, const int* inputs, int pos, float* logits) {
+void GPT2Runner::forward_logits(const void* params, const int* inputs, int pos, float* logits) {
   Impl& m = *impl_;
   REMAT_CHECK(pos >= 0 && pos < m.T, "forward_logits: position out of range");
-  m.params = params;
-  m.inputs.assign(inputs, inputs + m.N);
-  m.forward(params, m.inputs.data(), false);
-  m.finish_eval(nullptr, pos, logits);
+  m.stage_tokens(inputs, nullptr);
+  m.forward(params, m.dev_inputs(), false);
+  m.finish_eval(params, nullptr, pos, logits);
 }
 
 const ArenaStats& GPT2Runner::stats() const {
@@ -708,6 +612,9 @@ Stream* GPT2Runner::main_stream() {
 }
 Stream* GPT2Runner::side_stream() {
   return impl_->side.get();
+}
+Backend& GPT2Runner::backend() {
+  return *impl_->be;
 }
 const Plan& GPT2Runner::plan() const {
   return impl_->plan;

@@ -11,16 +11,14 @@
 
 #include "models/config.h"
 #include "runtime/arena.h"
+#include "runtime/backend.h"
 #include "runtime/plan.h"
 #include "runtime/stream.h"
 
 namespace remat {
 
-// Element type of activations (and activation gradients). The CPU backend computes in fp32;
-// bf16 is for the planner's sizing of the CUDA backend. LayerNorm statistics and the
-// attention log-sum-exp are fp32 in both.
-enum class ActDType { kFP32, kBF16 };
-int act_bytes(ActDType t);
+// Activations (and activation gradients) have the backend's element type (ActDType,
+// runtime/backend.h); LayerNorm statistics and the attention log-sum-exp are fp32 on both.
 
 // Sub-buffer layout of one activation kind's arena block: the main tensor first (activation
 // dtype), then fp32 extras, each part aligned to Arena::kAlign.
@@ -58,27 +56,31 @@ double step_flops(const GPT2Config& c, int B, int T);
 class GPT2Runner {
  public:
   // dry = true: null streams and an arena with no memory; the same schedule runs, nothing
-  // executes, and stats() is the prediction. dry = false: CPU streams and one reservation
-  // sized by a dry run of the same schedule.
+  // executes, and stats() is the prediction (dtype only sizes the tensors). dry = false: the
+  // backend's streams and one reservation of its memory sized by a dry run of the same
+  // schedule; dtype must be the backend's. backend nullptr = the CPU backend.
   GPT2Runner(const GPT2Config& c, int B, int T, Plan plan, ActDType dtype, ScheduleOptions opt,
-             bool dry);
+             bool dry, Backend* backend = nullptr);
   ~GPT2Runner();
 
-  // One forward and backward pass. params (num_params) are read; grads (num_params) are
-  // accumulated (+=). inputs, targets (B*T) token ids, already checked < V. dloss scales
-  // the gradient of the summed loss (1 / (B*T*accumulation steps)). Returns the mean loss.
-  float forward_backward(const float* params, float* grads, const int* inputs, const int* targets,
+  // One forward and backward pass. params and grads are num_params elements of the backend's
+  // dtype in its memory (llm.c's layout); params are read, grads accumulated (+=). inputs,
+  // targets (B*T) host token ids, already checked < V. dloss scales the gradient of the
+  // summed loss (1 / (B*T*accumulation steps)). Returns the mean loss.
+  float forward_backward(const void* params, void* grads, const int* inputs, const int* targets,
                          float dloss);
   // Forward only (validation): mean loss; every activation is freed after its last use.
-  float forward_loss(const float* params, const int* inputs, const int* targets);
-  // Forward only: logits (Vp) of row (b = 0, t = pos), for sampling. Columns >= V are -inf.
-  void forward_logits(const float* params, const int* inputs, int pos, float* logits);
+  float forward_loss(const void* params, const int* inputs, const int* targets);
+  // Forward only: logits (Vp, host fp32) of row (b = 0, t = pos), for sampling. Columns >= V
+  // are -inf.
+  void forward_logits(const void* params, const int* inputs, int pos, float* logits);
 
   const ArenaStats& stats() const;
   void reset_peaks();
   Arena& arena();
   Stream* main_stream();
   Stream* side_stream();
+  Backend& backend();
   const Plan& plan() const;
   int B() const;
   int T() const;

@@ -5,6 +5,9 @@
 
 #include "kernels/common.h"
 #include "models/trainer.h"
+#ifdef REMAT_WITH_CUDA
+#include "runtime/cuda/cuda_backend.h"
+#endif
 
 namespace {
 const char* kUsage =
@@ -18,6 +21,9 @@ const char* kUsage =
 }
 
 int main(int argc, char** argv) {
+#ifdef REMAT_WITH_CUDA
+  remat::install_cuda_backend();  // --device cuda|auto can choose it
+#endif
   if (argc < 2 || !std::strcmp(argv[1], "--help") || !std::strcmp(argv[1], "-h") ||
       !std::strcmp(argv[1], "help")) {
     std::printf("%s", kUsage);

@@ -21,40 +21,118 @@ float learning_rate(const Hyper& h, int64_t step) {
 }
 
 Trainer::Trainer(const GPT2Config& c, int B, int T, int accum, const Hyper& h, Plan plan,
-                 ScheduleOptions sched, std::vector<float> params)
+                 ScheduleOptions sched, std::vector<float> params, Backend* backend)
     : c_(c),
       B_(B),
       T_(T),
       accum_(accum),
       h_(h),
-      runner_(c, B, T, std::move(plan), ActDType::kFP32, sched, /*dry=*/false),
-      params_(std::move(params)) {
-  REMAT_CHECK(params_.size() == num_params(c),
-              "initial parameters have " + std::to_string(params_.size()) +
-                  " values, the model needs " + std::to_string(num_params(c)));
+      be_(backend ? backend : cpu_backend()),
+      runner_(c, B, T, std::move(plan), be_->dtype(), sched, /*dry=*/false, be_),
+      n_(num_params(c)) {
+  REMAT_CHECK(params.size() == n_, "initial parameters have " + std::to_string(params.size()) +
+                                       " values, the model needs " + std::to_string(n_));
   REMAT_CHECK(accum >= 1, "gradient accumulation steps must be >= 1");
-  grads_.assign(params_.size(), 0.0f);
-  m_.assign(params_.size(), 0.0f);
-  v_.assign(params_.size(), 0.0f);
   inputs_.resize(size_t(B) * T);
   targets_.resize(size_t(B) * T);
+  if (on_host()) {
+    params_ = std::move(params);
+    grads_.assign(n_, 0.0f);
+    m_.assign(n_, 0.0f);
+    v_.assign(n_, 0.0f);
+    master_ = params_.data();
+    weights_ = params_.data();
+    grads_dev_ = grads_.data();
+    m_dev_ = m_.data();
+    v_dev_ = v_.data();
+    return;
+  }
+  const size_t es = be_->elem_bytes();
+  master_ = static_cast<float*>(be_->alloc(n_ * 4, "master weights"));
+  m_dev_ = static_cast<float*>(be_->alloc(n_ * 4, "AdamW first moments"));
+  v_dev_ = static_cast<float*>(be_->alloc(n_ * 4, "AdamW second moments"));
+  grads_dev_ = be_->alloc(n_ * es, "gradients");
+  weights_ = be_->dtype() == ActDType::kFP32 ? static_cast<void*>(master_)
+                                              : be_->alloc(n_ * es, "working weights");
+  TrainState s;
+  s.params = std::move(params);
+  load_weights_and_moments(s);
+}
+
+Trainer::~Trainer() {
+  runner_.main_stream()->synchronize();
+  if (on_host()) return;
+  if (weights_ != master_) be_->release(weights_);
+  be_->release(grads_dev_);
+  be_->release(v_dev_);
+  be_->release(m_dev_);
+  be_->release(master_);
+}
+
+void Trainer::load_weights_and_moments(const TrainState& s) {
+  REMAT_CHECK(s.params.size() == n_, "training state: wrong parameter count");
+  REMAT_CHECK(s.m.empty() || (s.m.size() == n_ && s.v.size() == n_),
+              "training state: wrong optimizer state size");
+  runner_.main_stream()->synchronize();
+  if (on_host()) {
+    params_ = s.params;
+    if (s.m.empty()) {
+      std::fill(m_.begin(), m_.end(), 0.0f);
+      std::fill(v_.begin(), v_.end(), 0.0f);
+    } else {
+      m_ = s.m;
+      v_ = s.v;
+    }
+    master_ = params_.data();
+    weights_ = params_.data();
+    return;
+  }
+  be_->upload(master_, s.params.data(), n_ * 4);
+  if (weights_ != master_) be_->upload_elems(weights_, s.params.data(), n_);
+  if (s.m.empty()) {
+    const std::vector<float> zeros(n_, 0.0f);
+    be_->upload(m_dev_, zeros.data(), n_ * 4);
+    be_->upload(v_dev_, zeros.data(), n_ * 4);
+  } else {
+    be_->upload(m_dev_, s.m.data(), n_ * 4);
+    be_->upload(v_dev_, s.v.data(), n_ * 4);
+  }
+}
+
+const std::vector<float>& Trainer::params() {
+  runner_.main_stream()->synchronize();
+  if (!on_host()) {
+    params_.resize(n_);
+    be_->download(params_.data(), master_, n_ * 4);
+  }
+  return params_;
+}
+
+const std::vector<float>& Trainer::grads() {
+  runner_.main_stream()->synchronize();
+  if (!on_host()) {
+    grads_.resize(n_);
+    be_->download_elems(grads_.data(), grads_dev_, n_);
+  }
+  return grads_;
 }
 
 StepResult Trainer::step(DataLoader& data) {
   NvtxRange nvtx_step("step");
   StepResult r;
-  std::fill(grads_.begin(), grads_.end(), 0.0f);
+  Stream* s = runner_.main_stream();
+  be_->zero(s, grads_dev_, n_ * be_->elem_bytes(), "zero_grad");
   runner_.reset_peaks();
   const float dloss = 1.0f / (float(B_) * float(T_) * float(accum_));
   double loss_sum = 0;
   for (int a = 0; a < accum_; a++) {
     data.next_batch(inputs_.data(), targets_.data());
-    loss_sum += runner_.forward_backward(params_.data(), grads_.data(), inputs_.data(),
-                                         targets_.data(), dloss);
+    loss_sum +=
+        runner_.forward_backward(weights_, grads_dev_, inputs_.data(), targets_.data(), dloss);
   }
   r.loss = static_cast<float>(loss_sum / accum_);
   if (step_ >= nan_first_ && step_ <= nan_last_) r.loss = std::nanf("");
-  const double norm = std::sqrt(cpu::sum_squares(grads_.data(), grads_.size()));
+  const double norm = std::sqrt(be_->sum_squares(s, grads_dev_, n_));
   r.grad_norm = static_cast<float>(norm);
   r.lr = learning_rate(h_, step_);
   if (!std::isfinite(r.loss) || !std::isfinite(norm)) {
@@ -66,6 +144,7 @@ StepResult Trainer::step(DataLoader& data) {
   auto sizes = param_sizes(c_);
   auto offs = param_offsets(c_);
   NvtxRange nvtx_optimizer("optimizer");
+  const size_t es = be_->elem_bytes();
   for (int t = 0; t < kNumParamTensors; t++) {
     cpu::AdamWParams p{r.lr,
                        h_.beta1,
@@ -74,9 +153,11 @@ StepResult Trainer::step(DataLoader& data) {
                        param_decays(t) ? h_.weight_decay : 0.0f,
                        static_cast<int>(step_ + 1),
                        scale};
-    cpu::adamw_update(params_.data() + offs[t], m_.data() + offs[t], v_.data() + offs[t],
-                      grads_.data() + offs[t], sizes[t], p);
+    void* w = weights_ == master_ ? nullptr : static_cast<char*>(weights_) + offs[t] * es;
+    be_->adamw(s, master_ + offs[t], m_dev_ + offs[t], v_dev_ + offs[t],
+               static_cast<char*>(grads_dev_) + offs[t] * es, w, sizes[t], p);
   }
+  s->synchronize();
   step_++;
   return r;
 }
@@ -86,18 +167,25 @@ float Trainer::evaluate(DataLoader& data, int batches) {
   double sum = 0;
   for (int i = 0; i < batches; i++) {
     data.next_batch(inputs_.data(), targets_.data());
-    sum += runner_.forward_loss(params_.data(), inputs_.data(), targets_.data());
+    sum += runner_.forward_loss(weights_, inputs_.data(), targets_.data());
   }
   return static_cast<float>(sum / std::max(1, batches));
 }
 
-TrainState Trainer::state(const DataLoader& data) const {
+TrainState Trainer::state(const DataLoader& data) {
   TrainState s;
   s.config = c_;
   s.step = step_;
-  s.params = params_;
-  s.m = m_;
-  s.v = v_;
+  s.params = params();
+  if (on_host()) {
+    s.m = m_;
+    s.v = v_;
+  } else {
+    s.m.resize(n_);
+    s.v.resize(n_);
+    be_->download(s.m.data(), m_dev_, n_ * 4);
+    be_->download(s.v.data(), v_dev_, n_ * 4);
+  }
   s.loader = data.state();
   return s;
 }
@@ -108,17 +196,7 @@ void Trainer::restore(const TrainState& s) {
                   a.num_heads == c_.num_heads && a.vocab_size == c_.vocab_size &&
                   a.padded_vocab == c_.padded_vocab && a.max_seq_len == c_.max_seq_len,
               "the training state's model shape differs from this run's model");
-  REMAT_CHECK(s.params.size() == params_.size(), "training state: wrong parameter count");
-  params_ = s.params;
-  if (s.m.empty()) {
-    std::fill(m_.begin(), m_.end(), 0.0f);
-    std::fill(v_.begin(), v_.end(), 0.0f);
-  } else {
-    REMAT_CHECK(s.m.size() == params_.size() && s.v.size() == params_.size(),
-                "training state: wrong optimizer state size");
-    m_ = s.m;
-    v_ = s.v;
-  }
+  load_weights_and_moments(s);
   step_ = s.step;
 }
 

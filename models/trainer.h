@@ -32,11 +32,19 @@ struct StepResult {
   bool skipped = false;  // loss or gradient norm not finite: no update was applied
 };
 
+// Weights, gradients and AdamW state live in the backend's memory: on the CPU fp32 host
+// vectors; on CUDA fp32 master weights and moments on the device beside the working weights
+// and gradients in the backend's element type (bf16, or fp32 with --dtype fp32). The host
+// copies (params(), grads(), state()) are fetched on request.
 class Trainer {
  public:
   // params: initial weights (num_params(c)); m, v start at zero unless restored.
+  // backend nullptr = the CPU backend.
   Trainer(const GPT2Config& c, int B, int T, int accum, const Hyper& h, Plan plan,
-          ScheduleOptions sched, std::vector<float> params);
+          ScheduleOptions sched, std::vector<float> params, Backend* backend = nullptr);
+  ~Trainer();
+  Trainer(const Trainer&) = delete;
+  Trainer& operator=(const Trainer&) = delete;
 
   // One optimizer step over `accum` micro-batches from `data`.
   StepResult step(DataLoader& data);
@@ -45,13 +53,15 @@ class Trainer {
 
   const GPT2Config& config() const { return c_; }
   int64_t steps_done() const { return step_; }
-  std::vector<float>& params() { return params_; }
-  const std::vector<float>& grads() const { return grads_; }
+  // fp32 host copies of the weights (the master weights) and of the last step's gradients.
+  const std::vector<float>& params();
+  const std::vector<float>& grads();
   GPT2Runner& runner() { return runner_; }
+  Backend& backend() { return *be_; }
   Hyper& hyper() { return h_; }
 
   // Whole state for a checkpoint / restore from one (config must match).
-  TrainState state(const DataLoader& data) const;
+  TrainState state(const DataLoader& data);
   void restore(const TrainState& s);
 
   // Test-only: make the loss of steps [first, last] (0-based) NaN, to exercise skip handling.
@@ -61,11 +71,22 @@ class Trainer {
   }
 
  private:
+  bool on_host() const { return be_ == cpu_backend(); }
+  // Weights (master and working copy) and moments from s (moments zero when s has none).
+  void load_weights_and_moments(const TrainState& s);
+
   GPT2Config c_;
   int B_, T_, accum_;
   Hyper h_;
+  Backend* be_;
   GPT2Runner runner_;
+  size_t n_ = 0;  // parameters
+  // Host vectors: the CPU backend's state itself, the CUDA backend's on-request copies.
   std::vector<float> params_, grads_, m_, v_;
+  // Backend memory: master weights, moments (fp32); working weights, gradients (Elem). On the
+  // CPU these point into the vectors above and weights == master.
+  float *master_ = nullptr, *m_dev_ = nullptr, *v_dev_ = nullptr;
+  void *weights_ = nullptr, *grads_dev_ = nullptr;
   std::vector<int> inputs_, targets_;
   int64_t step_ = 0;
   int64_t nan_first_ = -1, nan_last_ = -2;
