@@ -334,7 +334,22 @@ int cmd_train(int argc, const char* const* argv) {
   if (!val_pat.empty())
     val = std::make_unique<DataLoader>(val_pat, B, T, c.vocab_size, false, seed);
 
-  Trainer tr(c, B, T, accum, h, plan, so, std::move(params), &be);
+  // Pre-flight passed, but the device may still run out (other processes, fragmentation):
+  // say which plan ran out and what stores less.
+  std::unique_ptr<Trainer> trainer;
+  try {
+    trainer = std::make_unique<Trainer>(c, B, T, accum, h, plan, so, std::move(params), &be);
+  } catch (const Error& e) {
+    const std::string what = e.what();
+    if (what.find("out of memory") == std::string::npos) throw;
+    throw Error(what + "\n  while setting up --recompute " + o.get("recompute") + " (" +
+                format_bytes(bytes_needed(c, B, T, plan, so, be.dtype())) +
+                " planned); --recompute full needs " +
+                format_bytes(bytes_needed(c, B, T, parse_plan("full", c.num_layers), so,
+                                          be.dtype())) +
+                ", or give --recompute budget:BYTES with what is free");
+  }
+  Trainer& tr = *trainer;
   if (const char* e = std::getenv("REMAT_TEST_NAN_STEPS")) {  // test-only: "A" or "A-B"
     long long a = 0, b = 0;
     int n = std::sscanf(e, "%lld-%lld", &a, &b);

@@ -303,6 +303,27 @@ TEST_F(CliTest, BadOptionsAreNamed) {
   expect_error(run(train({"stray"}), "o_positional"), {"stray"});
 }
 
+// ---- device and precision ----
+
+// Without a GPU (CI): auto says once that it chose the CPU and trains; an explicit cuda is a
+// clean error naming what is missing; bf16 is refused on the CPU. On a machine with a GPU the
+// auto run trains on CUDA instead and the cuda run is not an error.
+TEST_F(CliTest, DeviceChoiceIsSaidOnceAndAMissingGpuIsAClearError) {
+  const Result a = run(train({"--device", "auto", "--steps", "1"}), "dev_auto");
+  ASSERT_TRUE(a.exited() && a.code() == 0) << a.describe();
+  size_t said = 0;
+  for (size_t p = a.out.find("device: "); p != std::string::npos; p = a.out.find("device: ", p + 1))
+    said++;
+  EXPECT_EQ(said, 1u) << a.out;
+  if (contains(a.out, "device: CUDA")) GTEST_SKIP() << "a GPU is present: the no-GPU errors do not apply";
+  EXPECT_TRUE(contains(a.out, "device: CPU backend (")) << a.out;
+  expect_error(run(train({"--device", "cuda"}), "dev_cuda"), {"--device cuda", "--device cpu"});
+  expect_error(run(train({"--device", "cpu", "--dtype", "bf16"}), "dev_bf16"),
+               {"--dtype bf16", "CUDA"});
+  expect_error(run(train({"--device", "tpu"}), "dev_tpu"), {"--device", "'tpu'"});
+  expect_error(run(train({"--dtype", "fp8"}), "dev_fp8"), {"--dtype", "'fp8'"});
+}
+
 // ---- non-finite steps ----
 
 TEST_F(CliTest, NonFiniteStepIsSkippedAndReported) {
