@@ -342,12 +342,12 @@ int cmd_train(int argc, const char* const* argv) {
   } catch (const Error& e) {
     const std::string what = e.what();
     if (what.find("out of memory") == std::string::npos) throw;
-    throw Error(what + "\n  while setting up --recompute " + o.get("recompute") + " (" +
-                format_bytes(bytes_needed(c, B, T, plan, so, be.dtype())) +
-                " planned); --recompute full needs " +
-                format_bytes(bytes_needed(c, B, T, parse_plan("full", c.num_layers), so,
-                                          be.dtype())) +
-                ", or give --recompute budget:BYTES with what is free");
+    throw Error(
+        what + "\n  while setting up --recompute " + o.get("recompute") + " (" +
+        format_bytes(bytes_needed(c, B, T, plan, so, be.dtype())) +
+        " planned); --recompute full needs " +
+        format_bytes(bytes_needed(c, B, T, parse_plan("full", c.num_layers), so, be.dtype())) +
+        ", or give --recompute budget:BYTES with what is free");
   }
   Trainer& tr = *trainer;
   if (const char* e = std::getenv("REMAT_TEST_NAN_STEPS")) {  // test-only: "A" or "A-B"

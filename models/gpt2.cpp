@@ -99,9 +99,8 @@ struct GPT2Runner::Impl {
                     std::to_string(c.num_layers));
     REMAT_CHECK(opt.lookahead >= 0, "--lookahead must be >= 0");
     REMAT_CHECK(dry || dtype == be->dtype(), std::string("the ") + be->name() +
-                                                 " backend computes in " +
-                                                 dtype_name(be->dtype()) + ", not " +
-                                                 dtype_name(dtype));
+                                                 " backend computes in " + dtype_name(be->dtype()) +
+                                                 ", not " + dtype_name(dtype));
 #ifdef REMAT_INJECT_MISSING_EVENT
     // Test-only build: the missing-event fault (see CMakeLists.txt) in every runner.
     opt.debug_skip_ready_wait = true;
@@ -372,8 +371,8 @@ struct GPT2Runner::Impl {
     } else if (R[ki(K::kLN2)]) {
       A[ki(K::kLN2)] = alloc_kind(ki(K::kLN2), s, ph);
       float* st2 = extra_ptr(A[ki(K::kLN2)], ki(K::kLN2));
-      be->layernorm_forward(s, A[ki(K::kLN2)].ptr, st2, rstd_of(st2, N), A[ki(K::kR2)].ptr,
-                            w.ln2w, w.ln2b, N, C, "recompute.ln2", l);
+      be->layernorm_forward(s, A[ki(K::kLN2)].ptr, st2, rstd_of(st2, N), A[ki(K::kR2)].ptr, w.ln2w,
+                            w.ln2b, N, C, "recompute.ln2", l);
     }
     if (R[ki(K::kFCH)]) {
       A[ki(K::kFCH)] = alloc_kind(ki(K::kFCH), s, ph);
@@ -540,8 +539,7 @@ struct GPT2Runner::Impl {
       }
       backward_block(l, P, G, dres.ptr, scr4.ptr, scrC.ptr);
     }
-    be->encoder_backward(s, tensor_of(G, 0), tensor_of(G, 1), dres.ptr, dev_inputs(), B, T, C,
-                         Vp);
+    be->encoder_backward(s, tensor_of(G, 0), tensor_of(G, 1), dres.ptr, dev_inputs(), B, T, C, Vp);
     arena->free(scr4, s);
     arena->free(scrC, s);
     arena->free(dres, s);
@@ -556,7 +554,8 @@ struct GPT2Runner::Impl {
     Stream* s = main.get();
     const Phase ph = Phase::kForward;
     if (pos >= 0) {
-      const void* row = lnf.ptr ? static_cast<const char*>(lnf.ptr) + size_t(pos) * C * es : nullptr;
+      const void* row =
+          lnf.ptr ? static_cast<const char*>(lnf.ptr) + size_t(pos) * C * es : nullptr;
       be->classifier_logits(s, logits_out, row, tensor_of(P, 0), 1, C, V, Vp);
     } else {
       const int chunk = classifier_chunk();

@@ -53,7 +53,7 @@ Trainer::Trainer(const GPT2Config& c, int B, int T, int accum, const Hyper& h, P
   v_dev_ = static_cast<float*>(be_->alloc(n_ * 4, "AdamW second moments"));
   grads_dev_ = be_->alloc(n_ * es, "gradients");
   weights_ = be_->dtype() == ActDType::kFP32 ? static_cast<void*>(master_)
-                                              : be_->alloc(n_ * es, "working weights");
+                                             : be_->alloc(n_ * es, "working weights");
   TrainState s;
   s.params = std::move(params);
   load_weights_and_moments(s);

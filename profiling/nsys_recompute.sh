@@ -32,11 +32,22 @@
 #   "wait" ranges on remat-recompute are the side stream waiting for the main stream (the
 #   forward pass, or arena memory the main stream still uses).
 # The in-process tracer gives the same picture without nsys: remat train --trace t.json
-# (profiling/plot_trace.py draws it; t.overlap.json has the numbers).
+# (profiling/plot_trace.py draws it; t.overlap.json has the numbers). On CUDA it reads kernel
+# times from CUPTI activity records, and nsys owns CUPTI while it profiles: under nsys the
+# tracer falls back to cudaEvents around each op (remat says which on stderr). So this script
+# passes no --trace; run the tracer without nsys.
 set -euo pipefail
 
 REMAT=${REMAT:-build/remat}
 OUT=${OUT:-remat_recompute}
+
+for arg in "$@"; do
+  case "$arg" in
+    --trace | --trace=*)
+      echo "nsys_recompute.sh: --trace under nsys times ops with cudaEvents, not CUPTI" >&2
+      ;;
+  esac
+done
 
 nsys profile \
   --trace=cuda,nvtx,osrt \

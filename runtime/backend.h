@@ -80,9 +80,9 @@ class Backend {
                                  const void* w, const void* b, int N, int C, const char* label,
                                  int block) = 0;
   virtual void residual_layernorm_forward(Stream* s, void* residual, void* out, float* mean,
-                                          float* rstd, const void* x, const void* y,
-                                          const void* w, const void* b, int N, int C,
-                                          const char* label, int block) = 0;
+                                          float* rstd, const void* x, const void* y, const void* w,
+                                          const void* b, int N, int C, const char* label,
+                                          int block) = 0;
   // dinp +=, dw +=, db += .
   virtual void layernorm_backward(Stream* s, void* dinp, void* dw, void* db, const void* dout,
                                   const void* inp, const void* w, const float* mean,
@@ -119,8 +119,8 @@ class Backend {
   virtual double sum_squares(Stream* s, const void* g, size_t n) = 0;
   // master, m, v (n fp32) updated in place from grads (n Elems). params (n Elems), when not
   // null and different from master, receives the new master rounded to Elem.
-  virtual void adamw(Stream* s, float* master, float* m, float* v, const void* grads,
-                     void* params, size_t n, const cpu::AdamWParams& p) = 0;
+  virtual void adamw(Stream* s, float* master, float* m, float* v, const void* grads, void* params,
+                     size_t n, const cpu::AdamWParams& p) = 0;
 };
 
 // The CPU reference backend (process-wide; fp32).
@@ -135,15 +135,15 @@ struct CudaBackendHooks {
   std::unique_ptr<Backend> (*create)(ActDType dtype) = nullptr;
 };
 void register_cuda_backend(const CudaBackendHooks& hooks);
-bool cuda_backend_built();      // registered by this program
-int cuda_device_count();        // 0 when not built or no device
+bool cuda_backend_built();  // registered by this program
+int cuda_device_count();    // 0 when not built or no device
 
 // --device auto|cpu|cuda with --dtype auto|fp32|bf16 -> a backend. auto picks CUDA when a
 // device is present, else the CPU (the caller says which, once). Errors name what is missing.
 struct BackendChoice {
-  Backend* backend = nullptr;              // cpu_backend() or owned.get()
-  std::unique_ptr<Backend> owned;          // the CUDA backend, when chosen
-  std::string note;                        // why auto chose what it chose ("" for explicit)
+  Backend* backend = nullptr;      // cpu_backend() or owned.get()
+  std::unique_ptr<Backend> owned;  // the CUDA backend, when chosen
+  std::string note;                // why auto chose what it chose ("" for explicit)
 };
 BackendChoice choose_backend(const std::string& device, const std::string& dtype);
 

@@ -49,8 +49,8 @@ uint64_t cgroup_free_bytes() {
   if (read_u64("/sys/fs/cgroup/memory.max", &limit) &&
       read_u64("/sys/fs/cgroup/memory.current", &used))
     return limit > used ? limit - used : 1;
-  if (read_u64("/sys/fs/cgroup/memory/memory.limit_in_bytes", &limit) &&
-      limit < (1ull << 60) && read_u64("/sys/fs/cgroup/memory/memory.usage_in_bytes", &used))
+  if (read_u64("/sys/fs/cgroup/memory/memory.limit_in_bytes", &limit) && limit < (1ull << 60) &&
+      read_u64("/sys/fs/cgroup/memory/memory.usage_in_bytes", &used))
     return limit > used ? limit - used : 1;
   return 0;
 }
@@ -93,9 +93,7 @@ class CpuBackend final : public Backend {
   }
   void release(void* p) override { std::free(p); }
   void upload(void* dst, const void* src, size_t bytes) override { std::memcpy(dst, src, bytes); }
-  void download(void* dst, const void* src, size_t bytes) override {
-    std::memcpy(dst, src, bytes);
-  }
+  void download(void* dst, const void* src, size_t bytes) override { std::memcpy(dst, src, bytes); }
   void upload_elems(void* dst, const float* src, size_t n) override {
     std::memcpy(dst, src, n * 4);
   }
@@ -125,20 +123,20 @@ class CpuBackend final : public Backend {
                        int B, int T, int C) override {
     s->launch([=] { cpu::encoder_forward(F(out), tok, F(wte), F(wpe), B, T, C); }, "fwd.encoder");
   }
-  void encoder_backward(Stream* s, void* dwte, void* dwpe, const void* dout, const int* tok,
-                        int B, int T, int C, int /*Vp*/) override {
+  void encoder_backward(Stream* s, void* dwte, void* dwpe, const void* dout, const int* tok, int B,
+                        int T, int C, int /*Vp*/) override {
     s->launch([=] { cpu::encoder_backward(F(dwte), F(dwpe), F(dout), tok, B, T, C); },
               "bwd.encoder");
   }
   void layernorm_forward(Stream* s, void* out, float* mean, float* rstd, const void* inp,
                          const void* w, const void* b, int N, int C, const char* label,
                          int block) override {
-    s->launch([=] { cpu::layernorm_forward(F(out), mean, rstd, F(inp), F(w), F(b), N, C); },
-              label, block);
+    s->launch([=] { cpu::layernorm_forward(F(out), mean, rstd, F(inp), F(w), F(b), N, C); }, label,
+              block);
   }
   void residual_layernorm_forward(Stream* s, void* residual, void* out, float* mean, float* rstd,
-                                  const void* x, const void* y, const void* w, const void* b,
-                                  int N, int C, const char* label, int block) override {
+                                  const void* x, const void* y, const void* w, const void* b, int N,
+                                  int C, const char* label, int block) override {
     s->launch(
         [=] {
           cpu::residual_layernorm_forward(F(residual), F(out), mean, rstd, F(x), F(y), F(w), F(b),
@@ -155,8 +153,8 @@ class CpuBackend final : public Backend {
         },
         label, block);
   }
-  void matmul_forward(Stream* s, void* out, const void* inp, const void* w, const void* bias,
-                      int N, int C, int OC, const char* label, int block) override {
+  void matmul_forward(Stream* s, void* out, const void* inp, const void* w, const void* bias, int N,
+                      int C, int OC, const char* label, int block) override {
     s->launch([=] { cpu::matmul_forward(F(out), F(inp), F(w), F(bias), N, C, OC); }, label, block);
   }
   void matmul_backward(Stream* s, void* dinp, void* dw, void* dbias, const void* dout,
@@ -178,21 +176,20 @@ class CpuBackend final : public Backend {
                          int NH, const char* label, int block) override {
     s->launch([=] { cpu::attention_forward(F(out), lse, F(qkv), B, T, C, NH); }, label, block);
   }
-  void attention_backward(Stream* s, void* dqkv, const void* dout, const void* qkv,
-                          const void* out, const float* lse, int B, int T, int C, int NH,
-                          const char* label, int block) override {
-    s->launch(
-        [=] { cpu::attention_backward(F(dqkv), F(dout), F(qkv), F(out), lse, B, T, C, NH); },
-        label, block);
+  void attention_backward(Stream* s, void* dqkv, const void* dout, const void* qkv, const void* out,
+                          const float* lse, int B, int T, int C, int NH, const char* label,
+                          int block) override {
+    s->launch([=] { cpu::attention_backward(F(dqkv), F(dout), F(qkv), F(out), lse, B, T, C, NH); },
+              label, block);
   }
   void classifier(Stream* s, float* losses, void* dx, void* dwte, const void* x, const void* wte,
                   const int* targets, int N, int C, int V, int Vp, float dloss, void* workspace,
                   int chunk_rows, float* mean_loss_host) override {
     s->launch(
         [=] {
-          *mean_loss_host = cpu::classifier_forward_backward(losses, F(dx), F(dwte), F(x), F(wte),
-                                                             targets, N, C, V, Vp, dloss,
-                                                             F(workspace), chunk_rows);
+          *mean_loss_host =
+              cpu::classifier_forward_backward(losses, F(dx), F(dwte), F(x), F(wte), targets, N, C,
+                                               V, Vp, dloss, F(workspace), chunk_rows);
         },
         "classifier");
   }

@@ -315,7 +315,8 @@ TEST_F(CliTest, DeviceChoiceIsSaidOnceAndAMissingGpuIsAClearError) {
   for (size_t p = a.out.find("device: "); p != std::string::npos; p = a.out.find("device: ", p + 1))
     said++;
   EXPECT_EQ(said, 1u) << a.out;
-  if (contains(a.out, "device: CUDA")) GTEST_SKIP() << "a GPU is present: the no-GPU errors do not apply";
+  if (contains(a.out, "device: CUDA"))
+    GTEST_SKIP() << "a GPU is present: the no-GPU errors do not apply";
   EXPECT_TRUE(contains(a.out, "device: CPU backend (")) << a.out;
   expect_error(run(train({"--device", "cuda"}), "dev_cuda"), {"--device cuda", "--device cpu"});
   expect_error(run(train({"--device", "cpu", "--dtype", "bf16"}), "dev_bf16"),

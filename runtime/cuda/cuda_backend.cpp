@@ -66,9 +66,7 @@ class CudaBackend final : public Backend {
   }
 
   const char* name() const override { return "cuda"; }
-  ActDType dtype() const override {
-    return sizeof(Elem) == 2 ? ActDType::kBF16 : ActDType::kFP32;
-  }
+  ActDType dtype() const override { return sizeof(Elem) == 2 ? ActDType::kBF16 : ActDType::kFP32; }
   std::string describe() const override {
     char buf[512];
     std::snprintf(buf, sizeof buf, "CUDA backend, %s (sm_%d%d, %.1f GiB), %s%s", props_.name,
@@ -168,8 +166,8 @@ class CudaBackend final : public Backend {
     s->launch([=] { cuda::encoder_forward(E(out), tok, E(wte), E(wpe), B, T, C, native(s)); },
               "fwd.encoder");
   }
-  void encoder_backward(Stream* s, void* dwte, void* dwpe, const void* dout, const int* tok,
-                        int B, int T, int C, int Vp) override {
+  void encoder_backward(Stream* s, void* dwte, void* dwpe, const void* dout, const int* tok, int B,
+                        int T, int C, int Vp) override {
     s->launch(
         [=] {
           void* ws = scratch(cuda::encoder_backward_workspace_bytes(B, T, Vp));
@@ -181,18 +179,16 @@ class CudaBackend final : public Backend {
                          const void* w, const void* b, int N, int C, const char* label,
                          int block) override {
     s->launch(
-        [=] {
-          cuda::layernorm_forward(E(out), mean, rstd, E(inp), E(w), E(b), N, C, native(s));
-        },
+        [=] { cuda::layernorm_forward(E(out), mean, rstd, E(inp), E(w), E(b), N, C, native(s)); },
         label, block);
   }
   void residual_layernorm_forward(Stream* s, void* residual, void* out, float* mean, float* rstd,
-                                  const void* x, const void* y, const void* w, const void* b,
-                                  int N, int C, const char* label, int block) override {
+                                  const void* x, const void* y, const void* w, const void* b, int N,
+                                  int C, const char* label, int block) override {
     s->launch(
         [=] {
-          cuda::residual_layernorm_forward(E(residual), E(out), mean, rstd, E(x), E(y), E(w),
-                                           E(b), N, C, native(s));
+          cuda::residual_layernorm_forward(E(residual), E(out), mean, rstd, E(x), E(y), E(w), E(b),
+                                           N, C, native(s));
         },
         label, block);
   }
@@ -208,11 +204,10 @@ class CudaBackend final : public Backend {
         },
         label, block);
   }
-  void matmul_forward(Stream* s, void* out, const void* inp, const void* w, const void* bias,
-                      int N, int C, int OC, const char* label, int block) override {
-    s->launch(
-        [=] { cuda::matmul_forward(E(out), E(inp), E(w), E(bias), N, C, OC, native(s)); },
-        label, block);
+  void matmul_forward(Stream* s, void* out, const void* inp, const void* w, const void* bias, int N,
+                      int C, int OC, const char* label, int block) override {
+    s->launch([=] { cuda::matmul_forward(E(out), E(inp), E(w), E(bias), N, C, OC, native(s)); },
+              label, block);
   }
   void matmul_backward(Stream* s, void* dinp, void* dw, void* dbias, const void* dout,
                        const void* inp, const void* w, int N, int C, int OC, const char* label,
@@ -230,17 +225,16 @@ class CudaBackend final : public Backend {
   }
   void gelu_backward(Stream* s, void* dinp, const void* inp, const void* dout, size_t n,
                      const char* label, int block) override {
-    s->launch([=] { cuda::gelu_backward(E(dinp), E(inp), E(dout), n, native(s)); }, label,
-              block);
+    s->launch([=] { cuda::gelu_backward(E(dinp), E(inp), E(dout), n, native(s)); }, label, block);
   }
   void attention_forward(Stream* s, void* out, float* lse, const void* qkv, int B, int T, int C,
                          int NH, const char* label, int block) override {
-    s->launch([=] { cuda::attention_forward(E(out), lse, E(qkv), B, T, C, NH, native(s)); },
-              label, block);
+    s->launch([=] { cuda::attention_forward(E(out), lse, E(qkv), B, T, C, NH, native(s)); }, label,
+              block);
   }
-  void attention_backward(Stream* s, void* dqkv, const void* dout, const void* qkv,
-                          const void* out, const float* lse, int B, int T, int C, int NH,
-                          const char* label, int block) override {
+  void attention_backward(Stream* s, void* dqkv, const void* dout, const void* qkv, const void* out,
+                          const float* lse, int B, int T, int C, int NH, const char* label,
+                          int block) override {
     s->launch(
         [=] {
           float* ws = static_cast<float*>(
@@ -272,8 +266,8 @@ class CudaBackend final : public Backend {
         [&] {
           Elem* dev = static_cast<Elem*>(scratch(n * sizeof(Elem)));
           cuda::classifier_logits(dev, E(x), E(wte), N, C, V, Vp, native(s));
-          REMAT_CUDA_CHECK(cudaMemcpyAsync(h.data(), dev, n * sizeof(Elem),
-                                           cudaMemcpyDeviceToHost, native(s)));
+          REMAT_CUDA_CHECK(
+              cudaMemcpyAsync(h.data(), dev, n * sizeof(Elem), cudaMemcpyDeviceToHost, native(s)));
         },
         "classifier.logits");
     s->synchronize();
@@ -284,7 +278,8 @@ class CudaBackend final : public Backend {
     float* out = scalars_dev_ + 1;
     s->launch(
         [=] {
-          float* ws = static_cast<float*>(scratch(cuda::gradnorm_workspace_floats() * sizeof(float)));
+          float* ws =
+              static_cast<float*>(scratch(cuda::gradnorm_workspace_floats() * sizeof(float)));
           cuda::sum_squares(out, E(g), n, ws, /*accumulate=*/false, native(s));
           REMAT_CUDA_CHECK(cudaMemcpyAsync(scalars_host_ + 1, out, sizeof(float),
                                            cudaMemcpyDeviceToHost, native(s)));
@@ -296,9 +291,8 @@ class CudaBackend final : public Backend {
   void adamw(Stream* s, float* master, float* m, float* v, const void* grads, void* params,
              size_t n, const cpu::AdamWParams& p) override {
     Elem* w = params == master ? nullptr : static_cast<Elem*>(params);
-    s->launch(
-        [=] { cuda::adamw_update(master, m, v, E(grads), w, n, p, nullptr, native(s)); },
-        "optimizer.adamw");
+    s->launch([=] { cuda::adamw_update(master, m, v, E(grads), w, n, p, nullptr, native(s)); },
+              "optimizer.adamw");
   }
 
  private:

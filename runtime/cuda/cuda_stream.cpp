@@ -4,6 +4,7 @@
 
 #include <nvtx3/nvToolsExtCudaRt.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <map>
@@ -13,6 +14,7 @@
 #include <vector>
 
 #include "kernels/cuda_common.cuh"
+#include "runtime/cuda/cupti_trace.h"
 
 namespace remat {
 namespace {
@@ -28,12 +30,14 @@ class CudaStream final : public Stream {
     nvtxNameCudaStreamA(stream_, name.c_str());
   }
 
-  // Waits for the stream's work, then frees everything. Never throws: errors go to stderr.
+  // Waits for the stream's work, then frees everything; records not yet delivered are dropped.
+  // Never throws: errors go to stderr.
   ~CudaStream() override {
     const cudaError_t err = cudaStreamSynchronize(stream_);
     if (err != cudaSuccess)
       std::fprintf(stderr, "remat: stream '%s' destroyed with a pending error: %s\n",
                    name().c_str(), cudaGetErrorString(err));
+    if (timing_ == Timing::kCupti) cupti_trace_detach(cupti_stream_);
     for (auto& kv : recorded_) cudaEventDestroy(kv.second);
     for (cudaEvent_t ev : pool_) cudaEventDestroy(ev);
     for (const Pending& p : pending_) {
@@ -47,12 +51,19 @@ class CudaStream final : public Stream {
 
   void launch(std::function<void()> fn, const char* label, int block) override {
     cuda::NvtxRange range(label ? label : "op");
-    TraceSink* sink;
+    Timing timing;
+    uint32_t cupti_stream;
     {
       std::lock_guard<std::mutex> lk(mu_);
-      sink = sink_;
+      timing = timing_;
+      cupti_stream = cupti_stream_;
     }
-    if (sink == nullptr) {
+    if (timing == Timing::kNone) {
+      fn();
+      return;
+    }
+    if (timing == Timing::kCupti) {
+      const CuptiOpScope op(cupti_stream, label ? label : "", block);
       fn();
       return;
     }
@@ -106,14 +117,19 @@ class CudaStream final : public Stream {
     REMAT_CUDA_CHECK(cudaStreamSynchronize(stream_));
     std::vector<OpRecord> records;
     TraceSink* sink;
+    Timing timing;
+    uint32_t cupti_stream;
     {
       std::lock_guard<std::mutex> lk(mu_);
       completed_ = seq_;
       for (auto& kv : recorded_) pool_.push_back(kv.second);
       recorded_.clear();
       sink = sink_;
-      flush_trace_locked(&records);
+      timing = timing_;
+      cupti_stream = cupti_stream_;
+      flush_event_trace_locked(&records);
     }
+    if (timing == Timing::kCupti) collect_cupti(cupti_stream, &records);
     if (sink)
       for (const OpRecord& r : records) sink->on_op(r);
   }
@@ -134,14 +150,47 @@ class CudaStream final : public Stream {
 
   void* native() override { return stream_; }
 
-  // Call with the stream synchronized (runtime/stream.h). Attaching records an anchor event
-  // that maps GPU time onto the host steady clock.
+  // Call with the stream synchronized (runtime/stream.h). Attaching starts CUPTI tracing or,
+  // where CUPTI cannot be used, records an anchor event that maps event time onto the host
+  // steady clock. Detaching hands the old sink the CUPTI records that arrived after the last
+  // synchronize(); event-timed ops launched since then are dropped.
   void set_trace_sink(TraceSink* sink) override {
-    std::lock_guard<std::mutex> lk(mu_);
-    std::vector<OpRecord> dropped;
-    flush_trace_locked(&dropped);  // records of the previous sink that nobody synchronized
-    sink_ = sink;
+    TraceSink* old_sink;
+    Timing old_timing;
+    uint32_t old_cupti_stream;
+    {
+      std::lock_guard<std::mutex> lk(mu_);
+      std::vector<OpRecord> dropped;
+      flush_event_trace_locked(&dropped);
+      old_sink = sink_;
+      old_timing = timing_;
+      old_cupti_stream = cupti_stream_;
+      sink_ = nullptr;
+      timing_ = Timing::kNone;
+    }
+    if (old_timing == Timing::kCupti) {
+      std::vector<OpRecord> late;
+      try {
+        collect_cupti(old_cupti_stream, &late);
+      } catch (...) {
+        cupti_trace_detach(old_cupti_stream);
+        throw;
+      }
+      cupti_trace_detach(old_cupti_stream);
+      if (old_sink)
+        for (const OpRecord& r : late) old_sink->on_op(r);
+    }
     if (sink == nullptr) return;
+    uint32_t cupti_stream = 0;
+    const bool cupti = cupti_trace_attach(stream_, &cupti_stream);
+    std::lock_guard<std::mutex> lk(mu_);
+    sink_ = sink;
+    if (cupti) {
+      cupti_stream_ = cupti_stream;
+      timing_ = Timing::kCupti;
+      return;
+    }
+    timing_ = Timing::kEvents;
     if (!anchor_) REMAT_CUDA_CHECK(cudaEventCreate(&anchor_));
     REMAT_CUDA_CHECK(cudaEventRecord(anchor_, stream_));
     REMAT_CUDA_CHECK(cudaEventSynchronize(anchor_));
@@ -191,8 +240,19 @@ class CudaStream final : public Stream {
     return ev;
   }
 
-  // Turns finished pending ops into records (the stream has been synchronized).
-  void flush_trace_locked(std::vector<OpRecord>* out) {
+  // Appends the CUPTI records that have arrived for this stream (CUPTI id `cupti_stream`),
+  // oldest first.
+  void collect_cupti(uint32_t cupti_stream, std::vector<OpRecord>* out) {
+    std::vector<CuptiRecord> got;
+    cupti_trace_collect(cupti_stream, &got);
+    std::sort(got.begin(), got.end(),
+              [](const CuptiRecord& a, const CuptiRecord& b) { return a.start_ns < b.start_ns; });
+    for (const CuptiRecord& r : got)
+      out->push_back(OpRecord{r.label, id(), r.start_ns, r.end_ns, r.block});
+  }
+
+  // Turns finished event-timed ops into records (the stream has been synchronized).
+  void flush_event_trace_locked(std::vector<OpRecord>* out) {
     for (const Pending& p : pending_) {
       float start_ms = 0.f, end_ms = 0.f;
       REMAT_CUDA_CHECK(cudaEventElapsedTime(&start_ms, anchor_, p.start));
@@ -211,8 +271,12 @@ class CudaStream final : public Stream {
   mutable uint64_t completed_ = 0;                    // every seq <= this is complete
   mutable std::map<uint64_t, cudaEvent_t> recorded_;  // seq -> event, not yet known complete
   mutable std::vector<cudaEvent_t> pool_;             // idle events (timing disabled)
+  // How ops are timed while a sink is attached (kNone exactly when sink_ is null).
+  enum class Timing { kNone, kEvents, kCupti };
   TraceSink* sink_ = nullptr;
-  std::vector<Pending> pending_;          // traced ops since the last flush
+  Timing timing_ = Timing::kNone;
+  uint32_t cupti_stream_ = 0;             // CUPTI's id of stream_ (kCupti)
+  std::vector<Pending> pending_;          // event-timed ops since the last flush
   std::vector<cudaEvent_t> timing_pool_;  // idle timing events
   cudaEvent_t anchor_ = nullptr;          // recorded when the sink was attached
   int64_t anchor_ns_ = 0;                 // host time of anchor_

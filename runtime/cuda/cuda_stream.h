@@ -10,9 +10,17 @@
 //   waited for on the host.
 // - The stream is created with cudaStreamNonBlocking (no implicit legacy-stream sync) and
 //   named for Nsight Systems (nvtxNameCudaStreamA).
-// - With a trace sink attached, each launch is bracketed by timing events; records reach
-//   the sink at synchronize() (start/end in ns on the host steady clock, anchored when the
-//   sink was attached).
+// - Tracing (a sink attached): records reach the sink at synchronize(), start/end in ns on the
+//   host steady clock, label and block those of the launch() that enqueued the work.
+//   * CUPTI (runtime/cuda/cupti_trace.h), the default: one record per kernel, memcpy or memset
+//     an op enqueued on this stream, timed on the GPU by CUPTI activity records and matched to
+//     the op by an external correlation id pushed around fn(). An op that enqueued no GPU work
+//     has no record. A record CUPTI delivers late reaches the sink at a later synchronize(), or
+//     at detach (set_trace_sink(nullptr) hands it to the old sink).
+//   * cudaEvents, where CUPTI cannot be used (another tool such as Nsight Systems owns it, or
+//     REMAT_CUPTI=0): each launch is bracketed by two timing events, one record per op,
+//     anchored to the host clock by an event synchronized when the sink was attached.
+//   Which of the two is used is said once per process on stderr.
 // All methods may be called from any host thread (one mutex per stream).
 #pragma once
 #include <memory>

@@ -1,5 +1,6 @@
-// The CUDA runtime pieces: CudaStream (events, cross-stream waits, recycling, tracing) and the
-// activation arena over the CUDA memory resource. Tests skip without a device, saying so.
+// The CUDA runtime pieces: CudaStream (events, cross-stream waits, recycling, tracing through
+// CUPTI and through cudaEvents) and the activation arena over the CUDA memory resource. Tests
+// skip without a device, saying so.
 //
 // Ordering tests use a kernel that spins for a while before writing: without the wait under
 // test, the consumer would read the old value.
@@ -7,7 +8,9 @@
 #include <gtest/gtest.h>
 
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
+#include <mutex>
 #include <string>
 #include <vector>
 
@@ -15,6 +18,7 @@
 #include "runtime/arena.h"
 #include "runtime/cuda/cuda_memory.h"
 #include "runtime/cuda/cuda_stream.h"
+#include "runtime/cuda/cupti_trace.h"
 
 namespace remat {
 namespace {
@@ -147,6 +151,103 @@ TEST(CudaStream, LaunchRethrowsAndTraceSinkGetsOneRecordPerOp) {
     if (i > 0) EXPECT_LE(sink.records[i - 1].end_ns, sink.records[i].start_ns + 1000);
   }
   cudaFree(x);
+}
+
+// Records from any thread.
+struct CollectingSink : TraceSink {
+  std::mutex mu;
+  std::vector<OpRecord> records;
+  void on_op(const OpRecord& r) override {
+    std::lock_guard<std::mutex> lk(mu);
+    records.push_back(r);
+  }
+};
+
+enum class Timing { kCupti, kEvents };
+
+// Six labelled ops alternating between two traced streams, the last two enqueuing two kernels
+// each; checks each op's records: label, block, stream, start < end, and inside the host window
+// from just before its launch() to just after both synchronize() calls. CUPTI gives one record
+// per kernel, cudaEvents one per op. Skips when `timing` is CUPTI and CUPTI cannot be used here.
+void check_two_stream_trace(Timing timing) {
+  constexpr int64_t kSlackNs = 1'000'000;  // host/GPU clock mapping error allowed
+  static const char* const kLabels[] = {"fwd.spin", "recompute.spin", "bwd.spin"};
+  auto a = make_cuda_stream("traced-a", 11);
+  auto b = make_cuda_stream("traced-b", 12);
+  int* x;  // (2) one word per stream
+  REMAT_CUDA_CHECK(cudaMalloc(&x, 2 * sizeof(int)));
+  CollectingSink sink_a, sink_b;
+  if (timing == Timing::kEvents) setenv("REMAT_CUPTI", "0", 1);
+  a->set_trace_sink(&sink_a);
+  b->set_trace_sink(&sink_b);
+  unsetenv("REMAT_CUPTI");
+  const int cupti_streams = cupti_trace_attached_streams();
+  if (timing == Timing::kCupti && cupti_streams < 2) {
+    a->set_trace_sink(nullptr);
+    b->set_trace_sink(nullptr);
+    cudaFree(x);
+    GTEST_SKIP() << "CUPTI cannot be used here (stderr says why): cudaEvent timing instead";
+  }
+  if (timing == Timing::kEvents) ASSERT_EQ(cupti_streams, 0);
+
+  struct Launch {
+    Stream* stream;
+    const char* label;
+    int block;
+    int kernels;
+    int64_t host_ns;  // steady clock just before launch()
+  };
+  std::vector<Launch> launches;
+  for (int i = 0; i < 6; ++i) {
+    Stream* s = i % 2 ? b.get() : a.get();
+    int* dst = x + i % 2;
+    const int kernels = i >= 4 ? 2 : 1;
+    launches.push_back(Launch{s, kLabels[i % 3], i, kernels, steady_now_ns()});
+    s->launch(
+        [s, dst, kernels, i] {
+          for (int k = 0; k < kernels; ++k)
+            spin_then_write<<<1, 1, 0, native(*s)>>>(dst, i, 200'000);
+          REMAT_CUDA_CHECK(cudaGetLastError());
+        },
+        kLabels[i % 3], i);
+  }
+  a->synchronize();
+  b->synchronize();
+  const int64_t done_ns = steady_now_ns();
+  a->set_trace_sink(nullptr);
+  b->set_trace_sink(nullptr);
+  EXPECT_EQ(cupti_trace_attached_streams(), 0);
+
+  size_t expected_a = 0, expected_b = 0;
+  for (const Launch& l : launches) {
+    CollectingSink& sink = l.stream == a.get() ? sink_a : sink_b;
+    const size_t want = timing == Timing::kCupti ? l.kernels : 1;
+    (l.stream == a.get() ? expected_a : expected_b) += want;
+    size_t got = 0;
+    for (const OpRecord& r : sink.records) {
+      if (r.block != l.block) continue;
+      ++got;
+      EXPECT_STREQ(r.label, l.label) << "block " << l.block;
+      EXPECT_EQ(r.stream_id, l.stream->id()) << "block " << l.block;
+      EXPECT_LT(r.start_ns, r.end_ns) << "block " << l.block;
+      EXPECT_GE(r.start_ns, l.host_ns - kSlackNs) << "block " << l.block << " ran before launch";
+      EXPECT_LE(r.end_ns, done_ns + kSlackNs) << "block " << l.block << " ended after sync";
+    }
+    EXPECT_EQ(got, want) << "records of block " << l.block;
+  }
+  EXPECT_EQ(sink_a.records.size(), expected_a);
+  EXPECT_EQ(sink_b.records.size(), expected_b);
+  cudaFree(x);
+}
+
+TEST(CudaStreamTrace, CuptiRecordsCarryLabelBlockAndStreamOfEachKernel) {
+  REMAT_REQUIRE_GPU();
+  check_two_stream_trace(Timing::kCupti);
+}
+
+TEST(CudaStreamTrace, EventFallbackGivesOneRecordPerOp) {
+  REMAT_REQUIRE_GPU();
+  check_two_stream_trace(Timing::kEvents);
 }
 
 TEST(CudaMemory, PoisonFillsNaNBytesOnTheStream) {

@@ -32,8 +32,8 @@ bool device_present() {
   return cuda_device_count() > 0;
 }
 
-#define REMAT_REQUIRE_GPU()                                                       \
-  do {                                                                            \
+#define REMAT_REQUIRE_GPU()                                                    \
+  do {                                                                         \
     if (!device_present()) GTEST_SKIP() << "no CUDA device: GPU test skipped"; \
   } while (0)
 
@@ -56,7 +56,7 @@ struct TrainRun {
 };
 
 TrainRun train(Backend* be, const std::string& shard, const std::string& policy, int steps,
-          bool verify = false) {
+               bool verify = false) {
   const GPT2Config c = gpu_config();
   const int B = 3, T = 37;
   DataLoader data(shard, B, T, c.vocab_size, false, 5);
