@@ -127,6 +127,7 @@ struct GPT2Runner::Impl {
       main = be->make_stream("remat-main", 0);
       side = be->make_stream("remat-recompute", 1);
       arena = std::make_unique<Arena>(std::max<size_t>(need, Arena::kAlign), be->memory());
+      be->reserve_scratch(B, T, c.channels, c.num_heads, c.padded_vocab);
       tokens_dev = static_cast<int*>(be->alloc(size_t(2) * N * sizeof(int), "token ids"));
       loss_host = static_cast<float*>(be->alloc_host(sizeof(float)));
     }

@@ -58,6 +58,10 @@ class Backend {
   virtual void* alloc_host(size_t bytes) = 0;
   virtual void release_host(void* p) = 0;
 
+  // Sizes the backend's own scratch for a model shape (B, T, C, NH, padded vocabulary Vp), so
+  // that the steps allocate nothing. Call with the streams idle.
+  virtual void reserve_scratch(int B, int T, int C, int NH, int Vp) = 0;
+
   // ---- stream-ordered utilities ----
   virtual void zero(Stream* s, void* p, size_t bytes, const char* label) = 0;
   // host_dst[0, bytes) = src, in order on s (verify-recompute copies).

@@ -103,6 +103,8 @@ class CpuBackend final : public Backend {
   void* alloc_host(size_t bytes) override { return alloc(bytes, "host staging"); }
   void release_host(void* p) override { std::free(p); }
 
+  void reserve_scratch(int, int, int, int, int) override {}  // the CPU kernels need none
+
   void zero(Stream* s, void* p, size_t bytes, const char* label) override {
     s->launch([=] { std::memset(p, 0, bytes); }, label);
   }

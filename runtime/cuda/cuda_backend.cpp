@@ -133,6 +133,16 @@ class CudaBackend final : public Backend {
     if (p) cudaFreeHost(p);
   }
 
+  void reserve_scratch(int B, int T, int C, int NH, int Vp) override {
+    const size_t n = size_t(B) * T;
+    size_t need = cuda::encoder_backward_workspace_bytes(B, T, Vp);
+    need = std::max(need, cuda::layernorm_backward_workspace_floats(int(n), C) * sizeof(float));
+    need = std::max(need, cuda::attention_backward_workspace_floats(B, T, NH) * sizeof(float));
+    need = std::max(need, cuda::gradnorm_workspace_floats() * sizeof(float));
+    need = std::max(need, size_t(Vp) * sizeof(Elem));  // classifier_logits of one row
+    scratch(need);
+  }
+
   void zero(Stream* s, void* p, size_t bytes, const char* label) override {
     s->launch([=] { REMAT_CUDA_CHECK(cudaMemsetAsync(p, 0, bytes, native(s))); }, label);
   }
@@ -299,8 +309,8 @@ class CudaBackend final : public Backend {
   static Elem* E(void* p) { return static_cast<Elem*>(p); }
   static const Elem* E(const void* p) { return static_cast<const Elem*>(p); }
 
-  // The main stream's scratch, at least `bytes`. Grows (after a device synchronize, so no
-  // kernel still reads the old buffer) only while the first step meets its largest need.
+  // The main stream's scratch, at least `bytes`. Sized by reserve_scratch(); should a shape
+  // need more, it grows after a device synchronize (no kernel still reads the old buffer).
   void* scratch(size_t bytes) {
     if (bytes <= scratch_bytes_) return scratch_;
     REMAT_CUDA_CHECK(cudaDeviceSynchronize());

@@ -3,9 +3,9 @@
 // off) weights, activations and gradients with fp32 master weights, moments and reductions.
 //
 // Scratch that a kernel needs beyond its outputs (LayerNorm and attention backward partials,
-// encoder buckets, the gradient-norm partials) is one device buffer per backend, grown during
-// the first step and kept, used only by ops on the main stream (the recompute stream runs
-// forward kernels, which need none besides their cuBLASLt workspace, kept per stream).
+// encoder buckets, the gradient-norm partials) is one device buffer per backend, sized when a
+// runner is made (reserve_scratch), used only by ops on the main stream (the recompute stream
+// runs forward kernels, which need none besides their cuBLASLt workspace, kept per stream).
 #pragma once
 #include <memory>
 
