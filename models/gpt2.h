@@ -37,7 +37,8 @@ struct ScheduleOptions {
   bool verify_recompute = false;  // keep originals, compare every recomputed tensor bit for bit
   int classifier_chunk = 0;       // rows per classifier chunk; 0 = automatic (64 MiB of logits)
   // Test-only: the main stream does not wait for the recompute-ready event (a missing event),
-  // and the side stream sleeps this long before each block's recompute.
+  // and the side stream sleeps this long before each block's recompute (CPU backend; on CUDA
+  // the sleep holds the one host thread that enqueues for both streams, so it delays all).
   bool debug_skip_ready_wait = false;
   int debug_recompute_delay_ms = 0;
 };

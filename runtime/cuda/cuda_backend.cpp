@@ -101,14 +101,20 @@ class CudaBackend final : public Backend {
                   " bytes for " + what + " (" + std::to_string(free_b) + " bytes free of " +
                   std::to_string(total) + "): " + cudaGetErrorString(err));
     }
+    // cudaMemset runs on the legacy stream, which the non-blocking remat streams do not wait
+    // for: finish it before the buffer is handed out.
     REMAT_CUDA_CHECK(cudaMemset(p, 0, bytes));
+    REMAT_CUDA_CHECK(cudaDeviceSynchronize());
     return p;
   }
   void release(void* p) override {
     if (p) cudaFree(p);
   }
+  // A pageable cudaMemcpy may return before its last DMA lands: synchronize, so the data is
+  // there for work on any stream.
   void upload(void* dst, const void* src, size_t bytes) override {
     REMAT_CUDA_CHECK(cudaMemcpy(dst, src, bytes, cudaMemcpyHostToDevice));
+    REMAT_CUDA_CHECK(cudaDeviceSynchronize());
   }
   void download(void* dst, const void* src, size_t bytes) override {
     REMAT_CUDA_CHECK(cudaMemcpy(dst, src, bytes, cudaMemcpyDeviceToHost));
