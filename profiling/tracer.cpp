@@ -48,6 +48,83 @@ std::string micros(int64_t ns) {
   return b;
 }
 
+// The ops (not waits) of one stream with seq > 0, sorted by seq, with running extremes for
+// the wait resolution rule (tracer.h).
+struct SeqIndex {
+  std::vector<uint64_t> seq;        // ascending; an op with several records appears as often
+  std::vector<int64_t> end_upto;    // [i]: the latest end of the ops at [0, i]
+  std::vector<int64_t> start_from;  // [i]: the earliest start of the ops at [i, n)
+
+  explicit SeqIndex(const std::vector<TraceRecord>& recs) {
+    std::vector<const TraceRecord*> ops;
+    for (const TraceRecord& r : recs)
+      if (!r.is_wait() && r.seq > 0) ops.push_back(&r);
+    std::stable_sort(ops.begin(), ops.end(),
+                     [](const TraceRecord* a, const TraceRecord* b) { return a->seq < b->seq; });
+    const size_t n = ops.size();
+    seq.resize(n);
+    end_upto.resize(n);
+    start_from.resize(n);
+    for (size_t i = 0; i < n; i++) {
+      seq[i] = ops[i]->seq;
+      end_upto[i] = i ? std::max(end_upto[i - 1], ops[i]->op.end_ns) : ops[i]->op.end_ns;
+    }
+    for (size_t i = n; i-- > 0;)
+      start_from[i] =
+          i + 1 < n ? std::min(start_from[i + 1], ops[i]->op.start_ns) : ops[i]->op.start_ns;
+  }
+  // The latest end of the ops with seq <= p; false when there is none.
+  bool end_up_to(uint64_t p, int64_t* out) const {
+    const size_t i = std::upper_bound(seq.begin(), seq.end(), p) - seq.begin();
+    if (i == 0) return false;
+    *out = end_upto[i - 1];
+    return true;
+  }
+  // The earliest start of the ops with seq > q; INT64_MAX when there is none.
+  int64_t start_after(uint64_t q) const {
+    const size_t i = std::upper_bound(seq.begin(), seq.end(), q) - seq.begin();
+    return i < seq.size() ? start_from[i] : INT64_MAX;
+  }
+};
+
+// Gives every unresolved wait in `by_stream` (stream id -> its records) its interval, by the
+// rule in tracer.h.
+void resolve_waits(std::map<int, std::vector<TraceRecord>>* by_stream) {
+  bool any = false;
+  for (const auto& [id, recs] : *by_stream)
+    for (const TraceRecord& r : recs) any = any || r.is_unresolved_wait();
+  if (!any) return;
+  std::map<int, SeqIndex> index;
+  for (const auto& [id, recs] : *by_stream) index.emplace(id, SeqIndex(recs));
+  for (auto& [id, recs] : *by_stream) {
+    // The stream's items in seq order; `cursor` is the latest end of those before.
+    std::vector<TraceRecord*> order;
+    for (TraceRecord& r : recs) {
+      if (r.seq > 0) {
+        order.push_back(&r);
+      } else if (r.is_unresolved_wait()) {  // no place in the order: no length
+        r.op.start_ns = r.op.end_ns = r.launch_ns;
+      }
+    }
+    std::stable_sort(order.begin(), order.end(),
+                     [](const TraceRecord* a, const TraceRecord* b) { return a->seq < b->seq; });
+    int64_t cursor = INT64_MIN;
+    for (TraceRecord* r : order) {
+      if (r->is_unresolved_wait()) {
+        const int64_t start = std::max(r->launch_ns, cursor);
+        int64_t end = start, waited_end;
+        const auto w = index.find(r->waited_stream);
+        if (r->waited_seq > 0 && w != index.end() &&
+            w->second.end_up_to(r->waited_seq, &waited_end))
+          end = std::max(start, std::min(index.at(id).start_after(r->seq), waited_end));
+        r->op.start_ns = start;
+        r->op.end_ns = end;
+      }
+      cursor = std::max(cursor, r->op.end_ns);
+    }
+  }
+}
+
 }  // namespace
 
 OpKind op_kind(const char* label) {
@@ -139,12 +216,14 @@ TraceData Tracer::data() const {
   d.activation_peak_in_phase = act_peak_;
   d.arena_peak_bytes = arena_peak_;
 
-  // Per stream: records by start (== launch order on an in-order stream), each wait given
-  // the block of the next op.
-  for (const auto& [id, recs] : records_) {
-    std::vector<TraceRecord> v = recs;
+  // Per stream: waits resolved, then records by start (== launch order on an in-order
+  // stream; seq breaks ties, e.g. a zero-length wait and the op it held back), each wait
+  // given the block of the next op.
+  std::map<int, std::vector<TraceRecord>> by_stream = records_;
+  resolve_waits(&by_stream);
+  for (auto& [id, v] : by_stream) {
     std::stable_sort(v.begin(), v.end(), [](const TraceRecord& a, const TraceRecord& b) {
-      return a.op.start_ns < b.op.start_ns;
+      return a.op.start_ns != b.op.start_ns ? a.op.start_ns < b.op.start_ns : a.seq < b.seq;
     });
     int next_block = -1;
     for (size_t i = v.size(); i-- > 0;) {
@@ -282,7 +361,8 @@ std::string chrome_trace_json(const TraceData& d) {
                     ",\"op\":" + quoted(label) + ",\"seq\":" + std::to_string(r.seq);
     if (r.is_wait())
       e += ",\"waited_stream\":" + std::to_string(r.waited_stream) +
-           ",\"waited_stream_name\":" + quoted(lane_name(r.waited_stream));
+           ",\"waited_stream_name\":" + quoted(lane_name(r.waited_stream)) +
+           ",\"waited_seq\":" + std::to_string(r.waited_seq);
     event(e + "}");
   }
   for (const HostSpan& s : d.spans) {

@@ -1,10 +1,10 @@
 // The in-process tracer: per-stream op and wait records, host spans and the arena's live
 // bytes, written as a Chrome trace (opens in Perfetto and chrome://tracing).
 //
-// Threads: on_item() is called by the streams' worker threads (any number at once, under
-// one mutex). attach(), attach_arena(), detach(), add_span(), note_stats() and the arena
-// hook run on the host thread that drives the streams and the arena. data() and the
-// writers may run on any thread once the streams are synchronized.
+// Threads: on_item() is called by the streams' worker threads (CPU) or from synchronize()
+// (CUDA), any number at once, under one mutex. attach(), attach_arena(), detach(), add_span(),
+// note_stats() and the arena hook run on the host thread that drives the streams and the arena.
+// data() and the writers may run on any thread once the streams are synchronized.
 #pragma once
 #include <array>
 #include <cstdint>
@@ -52,11 +52,30 @@ struct MemorySample {
   uint64_t activation_bytes = 0;  // Usage::kActivation only, likewise
 };
 
+// Unresolved waits (CUDA streams, profiling/trace_sink.h) are given their interval by data():
+// a stream that reached a wait stands still until the waited work is done, and the next item
+// on it starts no earlier. For a wait w on stream S (seq q, launch_ns L) on stream W up to
+// W's position p = w.waited_seq, with every record that has seq > 0 taking part:
+//   start = max(L, the latest end of S's items with seq < q -- ops, and waits already resolved
+//           or timed, so that waits back to back never overlap);
+//   end   = max(start, min(the earliest start of S's ops with seq > q,
+//                          the latest end of W's ops with seq <= p)),
+//   and end = start when W has no op with seq <= p in the trace (p = 0: unknown) -- the
+//   waited work is not in the trace, so nothing says the wait held the stream back.
+// The start is no earlier than L because the device cannot wait on a wait not yet enqueued
+// (the host may have been late, and then the main stream was idle, not waiting). Waits
+// that resolve to zero length are kept (a wait is still counted, as on CPU streams). An op
+// with several records (one per kernel, same seq) ends at their latest end and starts at
+// their earliest start. With CUPTI the interval is exact up to the CUPTI-to-host clock
+// mapping. A record with seq 0 takes no part; an unresolved wait with seq 0 gets
+// [launch_ns, launch_ns].
+
 // A snapshot of everything recorded.
 struct TraceData {
   std::map<int, std::string> stream_names;  // Stream::id() -> Stream::name()
-  // Sorted by (stream id, start). A wait's op.block is filled in with the block of the next
-  // op on its stream (the op it held back); -1 when no op follows.
+  // Sorted by (stream id, start, seq), unresolved waits resolved (above). A wait's op.block
+  // is filled in with the block of the next op on its stream (the op it held back); -1 when
+  // no op follows.
   std::vector<TraceRecord> records;
   std::vector<HostSpan> spans;       // in the order added
   std::vector<MemorySample> memory;  // ts_ns non-decreasing; one per alloc/free and attach
@@ -121,8 +140,8 @@ class Tracer final : public ItemTraceSink {
 // - "M" events: process_name "remat"; thread_name and thread_sort_index per stream (tid =
 //   stream id) and, with host spans, for the "host" lane (tid kHostLaneTid);
 // - "X" events: one per record (name = op label, cat = op_kind_name, args block, op, seq; a
-//   wait also has waited_stream (id) and waited_stream_name) and one per host span (cat
-//   "host", args index);
+//   wait also has waited_stream (id), waited_stream_name and waited_seq) and one per host
+//   span (cat "host", args index);
 // - "C" events named "arena bytes" at each sample's ts_ns, args {live, activations}.
 constexpr int kHostLaneTid = 1000;
 std::string chrome_trace_json(const TraceData& d);

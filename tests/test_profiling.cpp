@@ -1,6 +1,7 @@
 // Profiling: exact interval arithmetic, the overlap report, wait records of CPU streams, the
-// tracer on a real traced step (Chrome trace JSON checked by a small parser), tracing off
-// costing no tracer calls, and `remat train --trace` end to end.
+// tracer's resolution of CUDA streams' waits (synthetic records), the tracer on a real traced step
+// (Chrome trace JSON checked by a small parser), tracing off costing no tracer calls, and `remat
+// train --trace` end to end.
 #include <dirent.h>
 #include <gtest/gtest.h>
 
@@ -439,6 +440,173 @@ TEST(TracerMemory, AllocsAndFreesArePlacedOnTheStreamTimeline) {
   EXPECT_EQ(m[4].live_bytes, 512u);
   EXPECT_EQ(m[4].activation_bytes, 0u);
   for (size_t i = 1; i < m.size(); i++) EXPECT_GE(m[i].ts_ns, m[i - 1].ts_ns);
+}
+
+// ---- waits of CUDA streams: unresolved records the tracer resolves ----
+// What a CUDA stream delivers (runtime/cuda/cuda_stream.h): an op record (one per kernel with
+// CUPTI, all of one op sharing its seq) timed on the GPU, and each cross-stream wait
+// unresolved ([0, 0]) with the waited event's position in the waited stream's launch order.
+// Times in ms after kBase (a trace time of 0 would read as unresolved).
+constexpr int64_t kBase = 1000 * kMs;
+TraceRecord cuda_op(const char* label, int stream, uint64_t seq, int64_t launch, int64_t a,
+                    int64_t b, int block) {
+  return TraceRecord{OpRecord{label, stream, kBase + a * kMs, kBase + b * kMs, block}, seq, -1,
+                     kBase + launch * kMs};
+}
+TraceRecord cuda_wait(int stream, uint64_t seq, int64_t launch, int waited, uint64_t waited_seq) {
+  return TraceRecord{OpRecord{"wait", stream, 0, 0, -1}, seq, waited, kBase + launch * kMs,
+                     waited_seq};
+}
+
+// Stream `id`'s records of a resolved trace, in TraceData order.
+std::vector<TraceRecord> on_stream(const TraceData& d, int id) {
+  std::vector<TraceRecord> out;
+  for (const TraceRecord& r : d.records)
+    if (r.op.stream_id == id) out.push_back(r);
+  return out;
+}
+
+// Main stream 0 and side stream 1, as synchronize() delivers them (ops, then the waits):
+//   side  seq 1 recompute.ln1  [12, 30]   seq 2 recompute.qkv  [30, 34] + [35, 40] (2 kernels)
+//         seq 3 recompute.ln1  [40, 70]
+//   main  seq 1 fwd.qkv [10, 20]  seq 2 fwd.fc [20, 25]  seq 3 WAIT side <= 2
+//         seq 4 bwd.fc [41, 45] + [46, 50] (2 kernels)   seq 5 WAIT side <= 1
+//         seq 6 bwd.qkv [52, 60]  seq 7 WAIT side <= 3  seq 8 WAIT stream 5 <= 9 (not traced)
+//         seq 9 WAIT side, position unknown              seq 10 bwd.ln1 [70, 80]
+// Expected waits: seq 3 [25, 40] (side ends after main's previous op: 15 ms exposed, the
+// side op's later kernel counts); seq 5 [50, 50] (side long done); seq 7 [60, 70];
+// seq 8 and 9 [70, 70] (waited work not in the trace).
+TEST(CudaWaitResolution, WaitsAreResolvedFromTheRecordsAroundThem) {
+  Tracer tracer;
+  for (const TraceRecord& r : {
+           cuda_op("recompute.ln1", 1, 1, 1, 12, 30, 1),
+           cuda_op("recompute.qkv", 1, 2, 2, 30, 34, 1),
+           cuda_op("recompute.qkv", 1, 2, 2, 35, 40, 1),
+           cuda_op("recompute.ln1", 1, 3, 3, 40, 70, 0),
+           cuda_op("fwd.qkv", 0, 1, 0, 10, 20, 0),
+           cuda_op("fwd.fc", 0, 2, 1, 20, 25, 0),
+           cuda_op("bwd.fc", 0, 4, 4, 41, 45, 1),
+           cuda_op("bwd.fc", 0, 4, 4, 46, 50, 1),
+           cuda_op("bwd.qkv", 0, 6, 6, 52, 60, 1),
+           cuda_op("bwd.ln1", 0, 10, 10, 70, 80, 0),
+           cuda_wait(0, 3, 3, 1, 2),
+           cuda_wait(0, 5, 5, 1, 1),
+           cuda_wait(0, 7, 7, 1, 3),
+           cuda_wait(0, 8, 8, 5, 9),
+           cuda_wait(0, 9, 9, 1, 0),
+       })
+    tracer.on_item(r);
+  const TraceData d = tracer.data();
+  const std::vector<TraceRecord> on_main = on_stream(d, 0);
+  const char* const labels[] = {"fwd.qkv", "fwd.fc", "wait", "bwd.fc", "bwd.fc", "wait",
+                                "bwd.qkv", "wait",   "wait", "wait",   "bwd.ln1"};
+  const uint64_t seqs[] = {1, 2, 3, 4, 4, 5, 6, 7, 8, 9, 10};
+  ASSERT_EQ(on_main.size(), 11u);
+  for (size_t i = 0; i < on_main.size(); i++) {
+    EXPECT_STREQ(on_main[i].op.label, labels[i]) << i;
+    EXPECT_EQ(on_main[i].seq, seqs[i]) << i;
+  }
+  struct Want {
+    size_t index;
+    int64_t start, end;  // ms after kBase
+    int block;           // of the op it held back
+  };
+  for (const Want& w : {Want{2, 25, 40, 1}, Want{5, 50, 50, 1}, Want{7, 60, 70, 0},
+                        Want{8, 70, 70, 0}, Want{9, 70, 70, 0}}) {
+    const TraceRecord& r = on_main[w.index];
+    ASSERT_TRUE(r.is_wait()) << w.index;
+    EXPECT_FALSE(r.is_unresolved_wait()) << w.index;
+    EXPECT_EQ(r.op.start_ns, kBase + w.start * kMs) << "wait seq " << r.seq;
+    EXPECT_EQ(r.op.end_ns, kBase + w.end * kMs) << "wait seq " << r.seq;
+    EXPECT_EQ(r.op.block, w.block) << "wait seq " << r.seq;
+  }
+  EXPECT_EQ(on_main[2].waited_seq, 2u);  // kept for the trace
+  EXPECT_EQ(on_main[8].waited_stream, 5);
+
+  const OverlapReport rep = overlap_report(d, 0, 1);
+  EXPECT_DOUBLE_EQ(rep.exposed_recompute_ms, 25);  // 15 + 0 + 10 + 0 (seq 8: another stream)
+  EXPECT_EQ(rep.exposed_waits, 4);
+  EXPECT_DOUBLE_EQ(rep.window_ms, 70);     // hull [10, 80]
+  EXPECT_DOUBLE_EQ(rep.main_busy_ms, 41);  // [10,25) [41,45) [46,50) [52,60) [70,80)
+  EXPECT_DOUBLE_EQ(rep.main_wait_ms, 25);  // [25,40) [60,70)
+  EXPECT_DOUBLE_EQ(rep.main_idle_ms, 4);   // [40,41) [45,46) [50,52)
+  ASSERT_EQ(rep.blocks.size(), 2u);
+  EXPECT_DOUBLE_EQ(rep.blocks[0].exposed_ms, 10);  // seq 7 held back bwd.ln1 (block 0)
+  EXPECT_DOUBLE_EQ(rep.blocks[1].exposed_ms, 15);  // seq 3 held back bwd.fc (block 1)
+
+  // The stored records stay as delivered: resolving is data()'s, every time.
+  const TraceData again = tracer.data();
+  ASSERT_EQ(again.records.size(), d.records.size());
+  for (size_t i = 0; i < d.records.size(); i++)
+    EXPECT_EQ(again.records[i].op.end_ns, d.records[i].op.end_ns);
+}
+
+// A wait the host issued late (after the waited work and the stream's previous op were done)
+// cannot have held the stream back: it starts at its launch, and is empty. Its next op has no
+// record (an op without GPU work): the waited work's end bounds the wait alone.
+TEST(CudaWaitResolution, StartsNoEarlierThanItsLaunchAndNeedsNoNextOp) {
+  Tracer tracer;
+  tracer.on_item(cuda_op("recompute.ln1", 1, 1, 0, 0, 95, 2));
+  tracer.on_item(cuda_op("bwd.fc", 0, 1, 0, 10, 80, 2));
+  tracer.on_item(cuda_wait(0, 2, 100, 1, 1));  // host late: launched at 100
+  tracer.on_item(cuda_wait(0, 3, 0, 1, 1));    // launched at 0: only the op before bounds it
+  const std::vector<TraceRecord> late = on_stream(tracer.data(), 0);
+  ASSERT_EQ(late.size(), 3u);
+  EXPECT_EQ(late[1].op.start_ns, kBase + 100 * kMs);
+  EXPECT_EQ(late[1].op.end_ns, kBase + 100 * kMs);
+  EXPECT_EQ(late[2].op.start_ns, kBase + 100 * kMs);  // after the wait before it
+  EXPECT_EQ(late[2].op.end_ns, kBase + 100 * kMs);
+
+  Tracer early;
+  early.on_item(cuda_op("recompute.ln1", 1, 1, 0, 0, 95, 2));
+  early.on_item(cuda_op("bwd.fc", 0, 1, 0, 10, 80, 2));
+  early.on_item(cuda_wait(0, 2, 1, 1, 1));  // no op follows on stream 0
+  const std::vector<TraceRecord> w = on_stream(early.data(), 0);
+  ASSERT_EQ(w.size(), 2u);
+  EXPECT_EQ(w[1].op.start_ns, kBase + 80 * kMs);
+  EXPECT_EQ(w[1].op.end_ns, kBase + 95 * kMs);
+  EXPECT_EQ(w[1].op.block, -1);  // held back no op
+  EXPECT_DOUBLE_EQ(overlap_report(early.data(), 0, 1).exposed_recompute_ms, 15);
+}
+
+// The memory curve with CUDA-stream records: changes are placed by launch_ns as on CPU
+// streams, an op with several kernel records ends at its last, and an alloc made before a
+// wait takes effect when the resolved wait starts.
+TEST(CudaWaitResolution, MemoryCurveUsesLaunchTimesOfCudaRecords) {
+  Arena arena(SIZE_MAX, nullptr);  // dry: bookkeeping only
+  Tracer tracer;
+  const int64_t t0 = steady_ns();
+  auto at = [&](int64_t ms) { return t0 + 1000 * kMs + ms * kMs; };  // GPU time, far ahead
+  // The side op, launched before anything below: [at(5), at(25)].
+  tracer.on_item(TraceRecord{OpRecord{"recompute.ln1", 1, at(5), at(25), 0}, 1, -1, t0});
+  tracer.attach_arena(&arena);
+  Block a = arena.alloc(1024, nullptr, Phase::kForward, Usage::kActivation, "a");
+  const int64_t t1 = steady_ns();
+  tracer.on_item(TraceRecord{OpRecord{"fwd.qkv", 0, at(10), at(12), 0}, 1, -1, t1});
+  tracer.on_item(TraceRecord{OpRecord{"fwd.qkv", 0, at(13), at(20), 0}, 1, -1, t1});
+  arena.free(a, nullptr);  // after its op: at that op's last kernel's end
+  Block d = arena.alloc(2048, nullptr, Phase::kBackward, Usage::kWorkspace, "d");
+  tracer.on_item(TraceRecord{OpRecord{"wait", 0, 0, 0, -1}, 2, 1, steady_ns(), 1});
+  Block b = arena.alloc(4096, nullptr, Phase::kBackward, Usage::kActivation, "b");
+  const int64_t t3 = steady_ns();
+  tracer.on_item(TraceRecord{OpRecord{"bwd.qkv", 0, at(30), at(40), 0}, 3, -1, t3});
+  arena.free(b, nullptr);
+  arena.free(d, nullptr);
+  tracer.detach();
+
+  const TraceData data = tracer.data();
+  const std::vector<TraceRecord> on_main = on_stream(data, 0);
+  ASSERT_EQ(on_main.size(), 4u);
+  EXPECT_EQ(on_main[2].op.start_ns, at(20));  // the wait: after fwd.qkv, until the side op ends
+  EXPECT_EQ(on_main[2].op.end_ns, at(25));
+  const std::vector<MemorySample>& m = data.memory;
+  ASSERT_EQ(m.size(), 7u);
+  const int64_t want_ts[] = {at(10), at(20), at(20), at(30), at(40), at(40)};
+  const uint64_t want_live[] = {1024, 0, 2048, 2048 + 4096, 2048, 0};
+  for (int i = 0; i < 6; i++) {
+    EXPECT_EQ(m[i + 1].ts_ns, want_ts[i]) << "change " << i;
+    EXPECT_EQ(m[i + 1].live_bytes, want_live[i]) << "change " << i;
+  }
 }
 
 // Counts every call; records nothing.

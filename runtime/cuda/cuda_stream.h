@@ -21,6 +21,16 @@
 //     REMAT_CUPTI=0): each launch is bracketed by two timing events, one record per op,
 //     anchored to the host clock by an event synchronized when the sink was attached.
 //   Which of the two is used is said once per process on stderr.
+//   An ItemTraceSink (profiling/trace_sink.h) gets TraceRecords instead: each op's record(s)
+//   with seq = its 1-based position in this stream's launch order (every launch() and every
+//   wait on another CUDA stream's event counts, traced or not; all kernel records of one op
+//   share it) and launch_ns = the host clock in launch(); and each wait on another CUDA
+//   stream's event as an unresolved "wait" record (start = end = 0) with its own seq,
+//   launch_ns = the host clock in wait(), waited_stream and waited_seq = the waited event's
+//   position in the waited stream's launch order (0 when that stream has no ItemTraceSink or
+//   the event was already known complete). The Tracer resolves its interval
+//   (profiling/tracer.h). With CUPTI, the op is opened with a process-unique key in place of
+//   its block (CuptiOpScope), mapped back to block, seq and launch time when records arrive.
 // All methods may be called from any host thread (one mutex per stream).
 #pragma once
 #include <memory>

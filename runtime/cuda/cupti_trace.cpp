@@ -62,7 +62,7 @@ struct RawActivity {
 // A traced op, from CuptiOpScope.
 struct Op {
   const char* label;
-  int block;
+  int tag;
 };
 
 // The session's view of one attached stream.
@@ -79,7 +79,7 @@ class Session {
   void detach(uint32_t cupti_stream) noexcept;
   void collect(uint32_t cupti_stream, std::vector<CuptiRecord>* out);
   int attached() const { return attached_.load(); }
-  void begin_op(uint32_t cupti_stream, const char* label, int block);
+  void begin_op(uint32_t cupti_stream, const char* label, int tag);
 
   // CUPTI's buffer-completed callback: parses the records and matches what it can.
   void parse(uint8_t* buffer, size_t valid_bytes);
@@ -210,14 +210,14 @@ void Session::collect(uint32_t cupti_stream, std::vector<CuptiRecord>* out) {
   }
 }
 
-void Session::begin_op(uint32_t cupti_stream, const char* label, int block) {
+void Session::begin_op(uint32_t cupti_stream, const char* label, int tag) {
   uint64_t id;
   {
     std::lock_guard<std::mutex> dl(data_mu_);
     const auto it = streams_.find(cupti_stream);
     REMAT_CHECK(it != streams_.end(), "CUPTI trace: op on a stream that is not attached");
     id = ++next_op_;
-    ops_.emplace(id, Op{label, block});
+    ops_.emplace(id, Op{label, tag});
     it->second.ops.push_back(id);
     it->second.newest_op = id;
   }
@@ -367,7 +367,7 @@ bool Session::match_locked(const RawActivity& a) {
   if (link == links_.end()) return false;  // not from an op, or its link has not arrived
   const auto op = ops_.find(link->second);
   if (op == ops_.end()) return true;  // forgotten: too late
-  dest->second.ready.push_back(CuptiRecord{op->second.label, op->second.block, a.start_ns, a.end_ns,
+  dest->second.ready.push_back(CuptiRecord{op->second.label, op->second.tag, a.start_ns, a.end_ns,
                                            a.correlation_id, a.name});
   return true;
 }
@@ -407,8 +407,8 @@ int cupti_trace_attached_streams() {
   return session().attached();
 }
 
-CuptiOpScope::CuptiOpScope(uint32_t cupti_stream, const char* label, int block) {
-  session().begin_op(cupti_stream, label, block);
+CuptiOpScope::CuptiOpScope(uint32_t cupti_stream, const char* label, int tag) {
+  session().begin_op(cupti_stream, label, tag);
 }
 
 CuptiOpScope::~CuptiOpScope() {

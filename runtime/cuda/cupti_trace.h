@@ -11,7 +11,7 @@
 //   CUPTI-to-steady-clock offset is measured when the first stream attaches.
 // - CuptiOpScope, around the op's fn() in launch(), tags the calling thread's CUDA calls with an
 //   external correlation id (CUPTI_EXTERNAL_CORRELATION_KIND_CUSTOM0) naming the op, so each
-//   activity record maps to the op's label and block.
+//   activity record maps to the op's label and the caller's tag for the op.
 // - cupti_trace_collect() flushes CUPTI's completed buffers and hands a stream the records whose
 //   CUPTI stream id is its own (even when another stream's op enqueued the work).
 // Records may come late: CUPTI holds a buffer back while any record in it is incomplete (a kernel
@@ -32,7 +32,7 @@ namespace remat {
 // One piece of GPU work of a traced op, as CUPTI timed it.
 struct CuptiRecord {
   const char* label;        // the op's label from launch() (static storage)
-  int block;                // the op's block, -1 when none
+  int tag;                  // the caller's tag of the op (CuptiOpScope), opaque here
   int64_t start_ns;         // host steady clock (steady_now_ns())
   int64_t end_ns;           // > start_ns
   uint32_t correlation_id;  // CUPTI's id of the API call that enqueued it
@@ -60,7 +60,7 @@ int cupti_trace_attached_streams();
 // attached stream. `label` has static storage.
 class CuptiOpScope {
  public:
-  CuptiOpScope(uint32_t cupti_stream, const char* label, int block);
+  CuptiOpScope(uint32_t cupti_stream, const char* label, int tag);
   ~CuptiOpScope();
   CuptiOpScope(const CuptiOpScope&) = delete;
   CuptiOpScope& operator=(const CuptiOpScope&) = delete;

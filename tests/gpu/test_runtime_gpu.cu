@@ -1,12 +1,13 @@
 // The CUDA runtime pieces: CudaStream (events, cross-stream waits, recycling, tracing through
-// CUPTI and through cudaEvents) and the activation arena over the CUDA memory resource. Tests
-// skip without a device, saying so.
+// CUPTI and through cudaEvents, wait records the Tracer resolves) and the activation arena over
+// the CUDA memory resource. Tests skip without a device, saying so.
 //
 // Ordering tests use a kernel that spins for a while before writing: without the wait under
 // test, the consumer would read the old value.
 #include <cuda_runtime_api.h>
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -15,6 +16,8 @@
 #include <vector>
 
 #include "kernels/cuda_common.cuh"
+#include "profiling/overlap.h"
+#include "profiling/tracer.h"
 #include "runtime/arena.h"
 #include "runtime/cuda/cuda_memory.h"
 #include "runtime/cuda/cuda_stream.h"
@@ -248,6 +251,105 @@ TEST(CudaStreamTrace, CuptiRecordsCarryLabelBlockAndStreamOfEachKernel) {
 TEST(CudaStreamTrace, EventFallbackGivesOneRecordPerOp) {
   REMAT_REQUIRE_GPU();
   check_two_stream_trace(Timing::kEvents);
+}
+
+// The main stream waits on a side event behind a long spin while the main stream itself has
+// run only short ops: the Tracer must resolve that wait to about the spin's remaining time (the
+// overlap report's exposed recompute), and every op must carry its seq and launch time.
+// Skips when `timing` is CUPTI and CUPTI cannot be used here.
+void check_traced_wait(Timing timing) {
+  constexpr int64_t kSlackNs = 1'000'000;  // host/GPU clock mapping error allowed
+  constexpr long long kSideSpinNs = 50'000'000;
+  auto main_s = make_cuda_stream("main", 0);
+  auto side_s = make_cuda_stream("side", 1);
+  int* x;  // (2) one word per stream
+  REMAT_CUDA_CHECK(cudaMalloc(&x, 2 * sizeof(int)));
+  REMAT_CUDA_CHECK(cudaMemset(x, 0, 2 * sizeof(int)));
+  // Warm up (lazy module loading), so the traced launches below are quick on the host.
+  spin_then_write<<<1, 1>>>(x, 0, 1000);
+  copy_int<<<1, 1>>>(x, x + 1);
+  REMAT_CUDA_CHECK(cudaGetLastError());
+  REMAT_CUDA_CHECK(cudaDeviceSynchronize());
+  {
+    Tracer tracer;  // after the streams: detaches before they go
+    if (timing == Timing::kEvents) setenv("REMAT_CUPTI", "0", 1);
+    tracer.attach(main_s.get());
+    tracer.attach(side_s.get());
+    unsetenv("REMAT_CUPTI");
+    const int cupti_streams = cupti_trace_attached_streams();
+    if (timing == Timing::kCupti && cupti_streams < 2) {
+      tracer.detach();
+      cudaFree(x);
+      GTEST_SKIP() << "CUPTI cannot be used here (stderr says why): cudaEvent timing instead";
+    }
+    if (timing == Timing::kEvents) ASSERT_EQ(cupti_streams, 0);
+
+    Stream* m = main_s.get();
+    Stream* s = side_s.get();
+    const int64_t t_begin = steady_now_ns();
+    m->launch([&] { spin_then_write<<<1, 1, 0, native(*m)>>>(x, 1, 1'000'000); }, "fwd.a", 0);
+    s->launch([&] { spin_then_write<<<1, 1, 0, native(*s)>>>(x + 1, 2, kSideSpinNs); },
+              "recompute.spin", 1);
+    const Event e = s->record();
+    m->launch([&] { spin_then_write<<<1, 1, 0, native(*m)>>>(x, 3, 1'000'000); }, "fwd.b", 0);
+    m->wait(e);
+    m->launch([&] { copy_int<<<1, 1, 0, native(*m)>>>(x, x + 1); }, "bwd.copy", 1);
+    m->synchronize();
+    s->synchronize();
+    tracer.detach();
+
+    const TraceData d = tracer.data();
+    const TraceRecord *spin = nullptr, *wait = nullptr, *fwd_b = nullptr, *copy = nullptr;
+    for (const TraceRecord& r : d.records) {
+      EXPECT_GT(r.seq, 0u) << r.op.label;
+      EXPECT_GE(r.launch_ns, t_begin) << r.op.label;
+      if (!r.is_wait()) EXPECT_LE(r.launch_ns, r.op.start_ns + kSlackNs) << r.op.label;
+      const std::string label = r.op.label;
+      if (label == "recompute.spin") spin = &r;
+      if (label == "wait") wait = &r;
+      if (label == "fwd.b") fwd_b = &r;
+      if (label == "bwd.copy") copy = &r;
+    }
+    ASSERT_NE(spin, nullptr);
+    ASSERT_NE(wait, nullptr);
+    ASSERT_NE(fwd_b, nullptr);
+    ASSERT_NE(copy, nullptr);
+    EXPECT_EQ(spin->seq, 1u);
+    EXPECT_EQ(fwd_b->seq, 2u);  // main: fwd.a 1, fwd.b 2, the wait 3, bwd.copy 4
+    EXPECT_EQ(wait->seq, 3u);
+    EXPECT_EQ(copy->seq, 4u);
+    EXPECT_EQ(wait->op.stream_id, 0);
+    EXPECT_EQ(wait->waited_stream, 1);
+    EXPECT_EQ(wait->waited_seq, 1u);  // after the side stream's first item
+    EXPECT_EQ(wait->op.block, 1);     // held back bwd.copy
+    const int64_t spin_ns = spin->op.end_ns - spin->op.start_ns;
+    const int64_t wait_ns = wait->op.end_ns - wait->op.start_ns;
+    // The wait began when fwd.b ended (the host launched it long before), and ended when the
+    // spin did; bwd.copy started right after.
+    EXPECT_GE(wait->op.start_ns, fwd_b->op.end_ns);
+    EXPECT_LE(wait->op.start_ns, std::max(fwd_b->op.end_ns, wait->launch_ns));
+    EXPECT_NEAR(wait->op.end_ns, spin->op.end_ns, kSlackNs);
+    EXPECT_LE(wait->op.end_ns, copy->op.start_ns);
+    EXPECT_GT(wait_ns, spin_ns / 2) << "main ran two 1 ms ops beside a " << spin_ns << " ns spin";
+    EXPECT_LE(wait_ns, spin_ns + kSlackNs);
+    const OverlapReport rep = overlap_report(d, 0, 1);
+    EXPECT_EQ(rep.exposed_waits, 1);
+    EXPECT_NEAR(rep.exposed_recompute_ms, wait_ns / 1e6, 1e-6);
+    int h = 0;
+    REMAT_CUDA_CHECK(cudaMemcpy(&h, x, sizeof(int), cudaMemcpyDeviceToHost));
+    EXPECT_EQ(h, 2) << "bwd.copy ran before the side spin's write";
+  }
+  cudaFree(x);
+}
+
+TEST(CudaStreamTrace, CuptiWaitIsResolvedToTheSideStreamsRemainingTime) {
+  REMAT_REQUIRE_GPU();
+  check_traced_wait(Timing::kCupti);
+}
+
+TEST(CudaStreamTrace, EventFallbackWaitIsResolvedToTheSideStreamsRemainingTime) {
+  REMAT_REQUIRE_GPU();
+  check_traced_wait(Timing::kEvents);
 }
 
 TEST(CudaMemory, PoisonFillsNaNBytesOnTheStream) {
