@@ -37,6 +37,8 @@ float* F(void* p) {
 }
 
 // Bytes of a cgroup (v2, then v1) memory limit that are still free; 0 when there is none.
+// Usage counts the page cache; its inactive part is reclaimable, so it is not counted as used
+// (the working set, as container runtimes count it).
 uint64_t cgroup_free_bytes() {
   auto read_u64 = [](const char* path, unsigned long long* v) {
     FILE* f = std::fopen(path, "r");
@@ -45,13 +47,33 @@ uint64_t cgroup_free_bytes() {
     std::fclose(f);
     return ok;
   };
+  auto stat_value = [](const char* path, const char* key) {
+    unsigned long long v = 0, found = 0;
+    FILE* f = std::fopen(path, "r");
+    if (!f) return found;
+    char name[64];
+    while (std::fscanf(f, "%63s %llu", name, &v) == 2) {
+      if (std::strcmp(name, key) == 0) {
+        found = v;
+        break;
+      }
+    }
+    std::fclose(f);
+    return found;
+  };
+  auto free_of = [](unsigned long long limit, unsigned long long used,
+                    unsigned long long reclaimable) -> uint64_t {
+    used = used > reclaimable ? used - reclaimable : 0;
+    return limit > used ? limit - used : 1;
+  };
   unsigned long long limit = 0, used = 0;
   if (read_u64("/sys/fs/cgroup/memory.max", &limit) &&
       read_u64("/sys/fs/cgroup/memory.current", &used))
-    return limit > used ? limit - used : 1;
+    return free_of(limit, used, stat_value("/sys/fs/cgroup/memory.stat", "inactive_file"));
   if (read_u64("/sys/fs/cgroup/memory/memory.limit_in_bytes", &limit) && limit < (1ull << 60) &&
       read_u64("/sys/fs/cgroup/memory/memory.usage_in_bytes", &used))
-    return limit > used ? limit - used : 1;
+    return free_of(limit, used,
+                   stat_value("/sys/fs/cgroup/memory/memory.stat", "total_inactive_file"));
   return 0;
 }
 
