@@ -37,6 +37,7 @@
 #include "kernels/gradnorm.h"
 #include "kernels/layernorm.h"
 #include "kernels/matmul.h"
+#include "tests/gpu/require_gpu.h"
 
 namespace remat {
 namespace {
@@ -44,22 +45,7 @@ namespace {
 using bf16 = __nv_bfloat16;
 using Vec = std::vector<float>;
 
-bool cuda_device_present() {
-  static const bool present = [] {
-    int n = 0;
-    if (cudaGetDeviceCount(&n) != cudaSuccess) {
-      (void)cudaGetLastError();
-      return false;
-    }
-    return n > 0;
-  }();
-  return present;
-}
-
-#define REMAT_REQUIRE_GPU()                                                         \
-  do {                                                                              \
-    if (!cuda_device_present()) GTEST_SKIP() << "no CUDA device: GPU test skipped"; \
-  } while (0)
+using test::cuda_device_present;
 
 bool small_mode() {
   const char* v = std::getenv("REMAT_GPU_TEST_SMALL");

@@ -22,26 +22,12 @@
 #include "runtime/cuda/cuda_memory.h"
 #include "runtime/cuda/cuda_stream.h"
 #include "runtime/cuda/cupti_trace.h"
+#include "tests/gpu/require_gpu.h"
 
 namespace remat {
 namespace {
 
-bool cuda_device_present() {
-  static const bool present = [] {
-    int n = 0;
-    if (cudaGetDeviceCount(&n) != cudaSuccess) {
-      (void)cudaGetLastError();
-      return false;
-    }
-    return n > 0;
-  }();
-  return present;
-}
-
-#define REMAT_REQUIRE_GPU()                                                         \
-  do {                                                                              \
-    if (!cuda_device_present()) GTEST_SKIP() << "no CUDA device: GPU test skipped"; \
-  } while (0)
+using test::cuda_device_present;
 
 // Spins for about `ns` nanoseconds, then writes *dst = value.
 __global__ void spin_then_write(int* dst, int value, long long ns) {

@@ -22,20 +22,11 @@
 #include "models/shards.h"
 #include "models/trainer.h"
 #include "runtime/cuda/cuda_backend.h"
+#include "tests/gpu/require_gpu.h"
 #include "tests/tiny_model.h"
 
 namespace remat {
 namespace {
-
-bool device_present() {
-  install_cuda_backend();
-  return cuda_device_count() > 0;
-}
-
-#define REMAT_REQUIRE_GPU()                                                    \
-  do {                                                                         \
-    if (!device_present()) GTEST_SKIP() << "no CUDA device: GPU test skipped"; \
-  } while (0)
 
 // Head dim 64 (the tensor-core attention path in bf16), C % 8 == 0, ragged B*T.
 GPT2Config gpu_config() {
@@ -89,7 +80,7 @@ void write_cycle_shard(const std::string& path, size_t n, int V) {
 class GpuTrain : public ::testing::Test {
  protected:
   void SetUp() override {
-    if (!device_present()) return;
+    if (!test::cuda_device_present()) return;
     write_cycle_shard(dir_ / "train.bin", 20000, gpu_config().vocab_size);
   }
   test::TempDir dir_;
