@@ -170,7 +170,11 @@ struct GPT2Runner::Impl {
     if (!b.ptr) return nullptr;
     return reinterpret_cast<float*>(static_cast<char*>(b.ptr) + align_up(main_elems * es));
   }
+  // LayerNorm statistics are stored as mean (n) then rstd (n).
   static float* rstd_of(float* mean, int n) {
+    return mean ? mean + n : nullptr;
+  }
+  static const float* rstd_of(const float* mean, int n) {
     return mean ? mean + n : nullptr;
   }
 
@@ -454,15 +458,15 @@ struct GPT2Runner::Impl {
     be->matmul_backward(s, scrC, g.fcw, g.fcb, scr4, A[ki(K::kLN2)].ptr, w.fcw, N, C, 4 * C,
                         "bwd.fc", l);
     be->layernorm_backward(s, dres, g.ln2w, g.ln2b, scrC, A[ki(K::kR2)].ptr, w.ln2w, st2,
-                           st2 ? st2 + N : nullptr, N, C, "bwd.ln2", l);
+                           rstd_of(st2, N), N, C, "bwd.ln2", l);
     be->matmul_backward(s, scrC, g.attprojw, g.attprojb, dres, atty, w.attprojw, N, C, C,
                         "bwd.attproj", l);
     be->attention_backward(s, scr4, scrC, A[ki(K::kQKV)].ptr, atty, lse, B, T, C, NH,
                            "bwd.attention", l);
     be->matmul_backward(s, scrC, g.qkvw, g.qkvb, scr4, A[ki(K::kLN1)].ptr, w.qkvw, N, C, 3 * C,
                         "bwd.qkv", l);
-    be->layernorm_backward(s, dres, g.ln1w, g.ln1b, scrC, x[l].ptr, w.ln1w, st1,
-                           st1 ? st1 + N : nullptr, N, C, "bwd.ln1", l);
+    be->layernorm_backward(s, dres, g.ln1w, g.ln1b, scrC, x[l].ptr, w.ln1w, st1, rstd_of(st1, N), N,
+                           C, "bwd.ln1", l);
     for (int k = 0; k < kNumKinds; k++) free_kind(l, k, s);
     arena->free(x[l], s);
   }
@@ -525,7 +529,7 @@ struct GPT2Runner::Impl {
       const float* st = extra_of(lnf, size_t(N) * C);
       be->zero(s, dres.ptr, size_t(N) * C * es, "bwd.zero_dresidual");
       be->layernorm_backward(s, dres.ptr, tensor_of(G, 14), tensor_of(G, 15), dlnf.ptr, x[L].ptr,
-                             tensor_of(P, 14), st, st ? st + N : nullptr, N, C, "bwd.lnf", -1);
+                             tensor_of(P, 14), st, rstd_of(st, N), N, C, "bwd.lnf", -1);
     }
     arena->free(dlnf, s);
     arena->free(lnf, s);
