@@ -494,6 +494,7 @@ struct GPT2Runner::Impl {
 
   float forward_backward(const void* P, void* G, const int* in, const int* tg, float dloss) {
     const int L = c.num_layers, C = c.channels, V = c.vocab_size, Vp = c.padded_vocab;
+    arena->rewind();
     stage_tokens(in, tg);
     forward(P, dev_inputs(), true);
     // The side stream may start rebuilding once the forward pass has produced its inputs.
@@ -589,6 +590,7 @@ float GPT2Runner::forward_backward(const void* params, void* grads, const int* i
 
 float GPT2Runner::forward_loss(const void* params, const int* inputs, const int* targets) {
   Impl& m = *impl_;
+  m.arena->rewind();
   m.stage_tokens(inputs, targets);
   m.forward(params, m.dev_inputs(), false);
   return m.finish_eval(params, m.dev_targets(), -1, nullptr);
@@ -597,6 +599,7 @@ float GPT2Runner::forward_loss(const void* params, const int* inputs, const int*
 void GPT2Runner::forward_logits(const void* params, const int* inputs, int pos, float* logits) {
   Impl& m = *impl_;
   REMAT_CHECK(pos >= 0 && pos < m.T, "forward_logits: position out of range");
+  m.arena->rewind();
   m.stage_tokens(inputs, nullptr);
   m.forward(params, m.dev_inputs(), false);
   m.finish_eval(params, nullptr, pos, logits);

@@ -235,6 +235,13 @@ void Arena::free(Block& b, Stream* stream) {
   if (hook_) hook_(hook_ctx_, stats_.live_bytes, stats_.live_by_usage[kAct]);
 }
 
+void Arena::rewind() {
+  REMAT_CHECK(stats_.live_bytes == 0, "arena: rewind with " +
+                                          std::to_string(stats_.live_bytes) + " bytes live");
+  free_.clear();
+  top_ = 0;
+}
+
 void Arena::reset_peaks() {
   // extent_peak stays: it is the extent ever handed out (top_), which never shrinks.
   stats_.peak_bytes = stats_.live_bytes;

@@ -83,6 +83,11 @@ class Arena {
 
   const ArenaStats& stats() const { return stats_; }
   void reset_peaks();  // peaks := current live values (start of a step)
+  // With nothing live and every stream that used the arena idle: forget the free list, so
+  // the next step places its blocks exactly as the first (and the dry run) did. Without it a
+  // later step starts from the previous step's fragments and may need more than the dry run
+  // sized.
+  void rewind();
 
   // Called (host side, in program order) after every alloc and free with the live bytes;
   // the tracer's memory counter. nullptr = off.
