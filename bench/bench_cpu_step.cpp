@@ -34,7 +34,7 @@ Timing run(const GPT2Config& c, const std::string& shard, int B, int T, int step
   DataLoader data(shard, B, T, c.vocab_size, false, 1);
   Hyper h;
   h.total_steps = steps + 1;
-  Trainer tr(c, B, T, 1, h, parse_plan("none", c.num_layers), {}, std::move(p));
+  Trainer tr(c, B, T, 1, h, parse_plan("none", c), {}, std::move(p));
   Timing t;
   if (steps == 0) {  // a single timed step that is also the correctness probe (naive GEMM)
     auto t0 = std::chrono::steady_clock::now();

@@ -89,7 +89,7 @@ void check_fits_in_memory(const GPT2Config& c, int B, int T, const Plan& plan,
                     ", activations and workspace with --recompute " + policy + " " +
                     format_bytes(need - 16ull * num_params(c)) + ") but only " +
                     format_bytes(avail) + " is available";
-  Plan full = parse_plan("full", c.num_layers);
+  Plan full = parse_plan("full", c);
   const uint64_t need_full = bytes_needed(c, B, T, full, so, dt);
   if (need_full <= avail) {
     msg += "; --recompute full needs " + format_bytes(need_full) + " and fits";
@@ -154,7 +154,7 @@ std::vector<int> sample_tokens(const GPT2Config& c, const float* params,
                                uint64_t seed, uint64_t stream) {
   REMAT_CHECK(!prompt.empty(), "sampling needs at least one prompt token");
   const int T = std::min<int>(c.max_seq_len, static_cast<int>(prompt.size()) + n);
-  GPT2Runner runner(c, 1, T, parse_plan("none", c.num_layers), ActDType::kFP32, {}, false);
+  GPT2Runner runner(c, 1, T, parse_plan("none", c), ActDType::kFP32, {}, false);
   std::vector<int> seq = prompt, window(T), out;
   std::vector<float> logits(c.padded_vocab);
   Philox rng(seed, stream);
@@ -346,7 +346,7 @@ int cmd_train(int argc, const char* const* argv) {
         what + "\n  while setting up --recompute " + o.get("recompute") + " (" +
         format_bytes(bytes_needed(c, B, T, plan, so, be.dtype())) +
         " planned); --recompute full needs " +
-        format_bytes(bytes_needed(c, B, T, parse_plan("full", c.num_layers), so, be.dtype())) +
+        format_bytes(bytes_needed(c, B, T, parse_plan("full", c), so, be.dtype())) +
         ", or give --recompute budget:BYTES with what is free");
   }
   Trainer& tr = *trainer;
@@ -429,7 +429,7 @@ int cmd_train(int argc, const char* const* argv) {
       "batch: B=%d T=%d x %d micro-steps = %lld tokens/step, %d steps, recompute %s (%d of %d "
       "block activations rebuilt)\n",
       B, T, accum, total, steps, plan.spec.c_str(), plan.num_recomputed(),
-      c.num_layers * kNumActKinds);
+      c.num_layers * static_cast<int>(plan.slots.size()));
   const int eval_every = o.get_count("eval-every");
   const int eval_batches = o.get_count("eval-batches");
   const int sample_every = o.get_count("sample-every");

@@ -1,94 +1,43 @@
-// GPT-2 forward and backward driven through the memory runtime: every activation lives in
-// the arena, the checkpoint plan says which ones are kept, and the recompute scheduler
-// rebuilds the others on a side stream while the main stream runs the backward pass of the
-// block above.
+// GPT-2 written once on the program builder (runtime/program.h): its forward pass, its
+// parameters in llm.c's layout, and the entry points the trainer and the commands use. The
+// runtime executes the program (runtime/executor.h): forward, recompute, backward, dry run.
 #pragma once
 #include <array>
 #include <cstdint>
 #include <memory>
 #include <string>
-#include <vector>
 
 #include "models/config.h"
-#include "runtime/arena.h"
-#include "runtime/backend.h"
+#include "runtime/executor.h"
 #include "runtime/plan.h"
-#include "runtime/stream.h"
+#include "runtime/program.h"
 
 namespace remat {
 
-// Activations (and activation gradients) have the backend's element type (ActDType,
-// runtime/backend.h); LayerNorm statistics and the attention log-sum-exp are fp32 on both.
+// GPT-2's forward at (B, T). Block l's saved tensors: ln1 (LayerNorm 1 and its mean, rstd),
+// qkv, attn (attention output and log-sum-exp), r2 (the mid-block residual), ln2, fch (GeLU
+// input), gelu; its input x (the residual stream) is a checkpoint. The residual add at a
+// block boundary is fused with the next LayerNorm (ln1 of the next block, or the final one).
+std::shared_ptr<const Program> gpt2_program(const GPT2Config& c, int B, int T);
+// The plan schema (slot names and classes) of GPT-2 with c's blocks.
+PlanSchema gpt2_plan_schema(const GPT2Config& c);
+// parse_plan for GPT-2 (budget:BYTES is make_plan's).
+Plan parse_plan(const std::string& spec, const GPT2Config& c);
 
-// Sub-buffer layout of one activation kind's arena block: the main tensor first (activation
-// dtype), then fp32 extras, each part aligned to Arena::kAlign.
-struct KindLayout {
-  size_t main_elems;   // elements of the main tensor
-  size_t extra_elems;  // fp32 elements after it (LN mean then rstd, or attention lse)
-  const char* main_name;
-  const char* extra_name;
-};
-KindLayout kind_layout(const GPT2Config& c, int N, int kind);
-// Arena bytes of one block's activation kind at N = B*T rows.
-uint64_t kind_bytes(const GPT2Config& c, int N, ActDType dt, int kind);
-
-struct ScheduleOptions {
-  int lookahead = 1;              // blocks the side stream rebuilds ahead of the backward pass
-  bool verify_recompute = false;  // keep originals, compare every recomputed tensor bit for bit
-  int classifier_chunk = 0;       // rows per classifier chunk; 0 = automatic (64 MiB of logits)
-  // Test-only: the main stream does not wait for the recompute-ready event (a missing event),
-  // and the side stream sleeps this long before each block's recompute (CPU backend; on CUDA
-  // the sleep holds the one host thread that enqueues for both streams, so it delays all).
-  bool debug_skip_ready_wait = false;
-  int debug_recompute_delay_ms = 0;
-};
-
-// The recompute cost model of one block's activation kinds at (B, T).
-struct CostModel {
-  double flops_per_s = 1e11;  // device GEMM throughput the model assumes
-  double bytes_per_s = 2e10;  // device memory bandwidth the model assumes
-};
-std::array<KindCost, kNumActKinds> kind_costs(const GPT2Config& c, int B, int T, ActDType dt,
-                                              const CostModel& m);
 // FLOPs of one training step (forward + backward) at (B, T), llm.c's count:
-// 6 * params * tokens + 6 * L * C * T * tokens... as 6N + 6LCT per token.
+// 6 * params + 6 * L * C * T per token.
 double step_flops(const GPT2Config& c, int B, int T);
 
-class GPT2Runner {
+// The executor over GPT-2's program.
+class GPT2Runner : public Executor {
  public:
-  // dry = true: null streams and an arena with no memory; the same schedule runs, nothing
-  // executes, and stats() is the prediction (dtype only sizes the tensors). dry = false: the
-  // backend's streams and one reservation of its memory sized by a dry run of the same
-  // schedule; dtype must be the backend's. backend nullptr = the CPU backend.
   GPT2Runner(const GPT2Config& c, int B, int T, Plan plan, ActDType dtype, ScheduleOptions opt,
              bool dry, Backend* backend = nullptr);
-  ~GPT2Runner();
-
-  // One forward and backward pass. params and grads are num_params elements of the backend's
-  // dtype in its memory (llm.c's layout); params are read, grads accumulated (+=). inputs,
-  // targets (B*T) host token ids, already checked < V. dloss scales the gradient of the
-  // summed loss (1 / (B*T*accumulation steps)). Returns the mean loss.
-  float forward_backward(const void* params, void* grads, const int* inputs, const int* targets,
-                         float dloss);
-  // Forward only (validation): mean loss; every activation is freed after its last use.
-  float forward_loss(const void* params, const int* inputs, const int* targets);
-  // Forward only: logits (Vp, host fp32) of row (b = 0, t = pos), for sampling. Columns >= V
-  // are -inf.
-  void forward_logits(const void* params, const int* inputs, int pos, float* logits);
-
-  const ArenaStats& stats() const;
-  void reset_peaks();
-  Arena& arena();
-  Stream* main_stream();
-  Stream* side_stream();
-  Backend& backend();
-  const Plan& plan() const;
-  int B() const;
-  int T() const;
+  int B() const { return B_; }
+  int T() const { return T_; }
 
  private:
-  struct Impl;
-  std::unique_ptr<Impl> impl_;
+  int B_, T_;
 };
 
 // What `remat plan` prints and what each training line's peak comes from.
@@ -114,6 +63,7 @@ uint64_t dry_run_activation_peak(const GPT2Config& c, int B, int T, const Plan& 
 
 // Resolves any --recompute policy, budget:BYTES included (budget counts activation bytes).
 Plan make_plan(const std::string& spec, const GPT2Config& c, int B, int T, ActDType dt,
-               const ScheduleOptions& opt, const CostModel& m);
+               const ScheduleOptions& opt, const CostModel& m,
+               double* lower_bound_seconds = nullptr);
 
 }  // namespace remat

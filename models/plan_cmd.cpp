@@ -70,9 +70,11 @@ int cmd_plan(int argc, const char* const* argv) {
   MemoryReport r = memory_report(c, B, T, plan, dt, dry.stats(), cm);
   const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
 
-  std::array<int, kNumActKinds> count{};
-  for (const KindSet& s : plan.recompute)
-    for (int k = 0; k < kNumActKinds; k++) count[k] += s[k];
+  const Program& prog = dry.program();
+  const size_t K = prog.slots.size();
+  std::vector<int> count(K, 0);
+  for (const auto& s : plan.recompute)
+    for (size_t k = 0; k < K; k++) count[k] += s[k];
 
   if (o.get_bool("json")) {
     std::printf(
@@ -92,8 +94,8 @@ int cmd_plan(int argc, const char* const* argv) {
         (unsigned long long)r.activation_peak_in_phase[1],
         (unsigned long long)r.activation_peak_in_phase[2], r.recompute_flops, step_flops(c, B, T),
         r.recompute_flops_fraction, r.recompute_seconds);
-    for (int k = 0; k < kNumActKinds; k++)
-      std::printf("%s\"%s\":%d", k ? "," : "", act_kind_name(static_cast<ActKind>(k)), count[k]);
+    for (size_t k = 0; k < K; k++)
+      std::printf("%s\"%s\":%d", k ? "," : "", prog.slots[k].c_str(), count[k]);
     std::printf("},\"plan_seconds\":%.4f}\n", secs);
     return 0;
   }
@@ -102,9 +104,10 @@ int cmd_plan(int argc, const char* const* argv) {
   std::printf("run: B=%d T=%d, %s activations, lookahead %d, recompute %s\n\n", B, T, dts.c_str(),
               so.lookahead, plan.spec.c_str());
   std::printf("  %-6s %14s   %s\n", "kind", "bytes/block", "recomputed in blocks");
-  for (int k = 0; k < kNumActKinds; k++) {
-    std::printf("  %-6s %14s   %d of %d\n", act_kind_name(static_cast<ActKind>(k)),
-                format_bytes(kind_bytes(c, B * T, dt, k)).c_str(), count[k], c.num_layers);
+  for (size_t k = 0; k < K; k++) {
+    std::printf("  %-6s %14s   %d of %d\n", prog.slots[k].c_str(),
+                format_bytes(prog.tensor_bytes(prog.slot_tensor[0][k], act_bytes(dt))).c_str(),
+                count[k], c.num_layers);
   }
   std::printf("\n  %-34s %14s\n", "parameters", format_bytes(r.params_bytes).c_str());
   std::printf("  %-34s %14s\n", "gradients", format_bytes(r.grads_bytes).c_str());

@@ -7,7 +7,7 @@
 #include "kernels/common.h"
 #include "kernels/gradnorm.h"
 #include "models/params.h"
-#include "profiling/nvtx.h"
+#include "runtime/nvtx.h"
 
 namespace remat {
 

@@ -98,7 +98,7 @@ OverlapReport overlap_report(const TraceData& d, int main_id, int side_id) {
       }
     } else if (!t.is_wait()) {
       s_ops.push_back(span_of(t));
-      if (op_kind(t.op.label) == OpKind::kRecompute) {
+      if (trace_category(t.op.label) == TraceCategory::kRecompute) {
         rc.push_back(span_of(t));
         rc_block[t.op.block].push_back(span_of(t));
       }

@@ -127,28 +127,28 @@ void resolve_waits(std::map<int, std::vector<TraceRecord>>* by_stream) {
 
 }  // namespace
 
-OpKind op_kind(const char* label) {
-  if (starts_with(label, "fwd.")) return OpKind::kForward;
-  if (starts_with(label, "bwd.")) return OpKind::kBackward;
-  if (starts_with(label, "recompute.")) return OpKind::kRecompute;
-  if (std::strcmp(label, "wait") == 0) return OpKind::kWait;
-  if (starts_with(label, "classifier")) return OpKind::kClassifier;
-  return OpKind::kOther;
+TraceCategory trace_category(const char* label) {
+  if (starts_with(label, "fwd.")) return TraceCategory::kForward;
+  if (starts_with(label, "bwd.")) return TraceCategory::kBackward;
+  if (starts_with(label, "recompute.")) return TraceCategory::kRecompute;
+  if (std::strcmp(label, "wait") == 0) return TraceCategory::kWait;
+  if (starts_with(label, "classifier")) return TraceCategory::kClassifier;
+  return TraceCategory::kOther;
 }
 
-const char* op_kind_name(OpKind k) {
+const char* trace_category_name(TraceCategory k) {
   switch (k) {
-    case OpKind::kForward:
+    case TraceCategory::kForward:
       return "forward";
-    case OpKind::kBackward:
+    case TraceCategory::kBackward:
       return "backward";
-    case OpKind::kRecompute:
+    case TraceCategory::kRecompute:
       return "recompute";
-    case OpKind::kWait:
+    case TraceCategory::kWait:
       return "wait";
-    case OpKind::kClassifier:
+    case TraceCategory::kClassifier:
       return "classifier";
-    case OpKind::kOther:
+    case TraceCategory::kOther:
       break;
   }
   return "other";
@@ -354,7 +354,7 @@ std::string chrome_trace_json(const TraceData& d) {
   for (const TraceRecord& r : d.records) {
     const char* label = r.op.label ? r.op.label : "";
     std::string e = R"("ph":"X","pid":1,"tid":)" + std::to_string(r.op.stream_id) +
-                    ",\"name\":" + quoted(label) + ",\"cat\":\"" + op_kind_name(op_kind(label)) +
+                    ",\"name\":" + quoted(label) + ",\"cat\":\"" + trace_category_name(trace_category(label)) +
                     "\",\"ts\":" + micros(r.op.start_ns - t0) +
                     ",\"dur\":" + micros(r.op.end_ns - r.op.start_ns) +
                     ",\"args\":{\"block\":" + std::to_string(r.op.block) +

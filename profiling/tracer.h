@@ -13,16 +13,16 @@
 #include <string>
 #include <vector>
 
-#include "profiling/trace_sink.h"
+#include "runtime/trace_sink.h"
 #include "runtime/arena.h"
 
 namespace remat {
 
 // What an op label names: "fwd.*" forward, "bwd.*" backward, "recompute.*" recompute, "wait",
 // "classifier*" classifier, anything else other. The trace's event category.
-enum class OpKind { kForward, kBackward, kRecompute, kWait, kClassifier, kOther };
-OpKind op_kind(const char* label);
-const char* op_kind_name(OpKind k);  // "forward", "backward", ... as above
+enum class TraceCategory { kForward, kBackward, kRecompute, kWait, kClassifier, kOther };
+TraceCategory trace_category(const char* label);
+const char* trace_category_name(TraceCategory k);  // "forward", "backward", ... as above
 
 // A host-side interval, e.g. one training step ("step", index = the 1-based step number).
 struct HostSpan {
@@ -52,7 +52,7 @@ struct MemorySample {
   uint64_t activation_bytes = 0;  // Usage::kActivation only, likewise
 };
 
-// Unresolved waits (CUDA streams, profiling/trace_sink.h) are given their interval by data():
+// Unresolved waits (CUDA streams, runtime/trace_sink.h) are given their interval by data():
 // a stream that reached a wait stands still until the waited work is done, and the next item
 // on it starts no earlier. For a wait w on stream S (seq q, launch_ns L) on stream W up to
 // W's position p = w.waited_seq, with every record that has seq > 0 taking part:

@@ -79,7 +79,8 @@ class CpuMemory final : public MemoryResource {
 };
 
 // Adds e to a region's ready list, keeping one (the latest) event per stream.
-void add_ready(std::vector<Event>& ready, const Event& e) {
+template <typename Events>
+void add_ready(Events& ready, const Event& e) {
   if (e.stream == nullptr) return;  // freed with no stream: nothing to wait for
   for (Event& r : ready) {
     if (r.stream == e.stream) {
@@ -103,6 +104,11 @@ Arena::Arena(size_t capacity, MemoryResource* memory) : capacity_(capacity), mem
 
 Arena::~Arena() {
   if (memory_ && base_) memory_->release(base_);
+}
+
+void Arena::ReadyEvents::push_back(const Event& x) {
+  REMAT_CHECK(n < kMax, "arena: more than " + std::to_string(kMax) + " streams free into it");
+  e[n++] = x;
 }
 
 Block Arena::alloc(size_t bytes, Stream* stream, Phase phase, Usage usage, const char* name) {

@@ -95,9 +95,21 @@ class Arena {
   void set_live_hook(LiveHook hook, void* ctx) { hook_ = hook; hook_ctx_ = ctx; }
 
  private:
+  // Events after which a region's bytes are free, one per freeing stream; held inline, as
+  // the planner's dry runs move regions around thousands of times.
+  struct ReadyEvents {
+    static constexpr int kMax = 4;  // streams that may free into one arena
+    std::array<Event, kMax> e{};
+    int n = 0;
+    const Event* begin() const { return e.data(); }
+    const Event* end() const { return e.data() + n; }
+    Event* begin() { return e.data(); }
+    Event* end() { return e.data() + n; }
+    void push_back(const Event& x);
+  };
   struct FreeRegion {
     size_t offset, bytes;
-    std::vector<Event> ready;  // events after which these bytes are free (one per freeing stream)
+    ReadyEvents ready;
   };
   void note_live(Phase phase, Usage usage);
 

@@ -11,9 +11,8 @@
 
 namespace remat {
 
-const char* act_kind_name(ActKind k) {
-  static const char* names[kNumActKinds] = {"ln1", "qkv", "attn", "r2", "ln2", "fch", "gelu"};
-  return names[static_cast<int>(k)];
+PlanSchema plan_schema(const Program& p) {
+  return PlanSchema{p.num_blocks, p.slots, p.slot_class};
 }
 
 bool Plan::any_recompute() const {
@@ -22,42 +21,59 @@ bool Plan::any_recompute() const {
 
 int Plan::num_recomputed() const {
   int n = 0;
-  for (const KindSet& s : recompute)
-    for (bool b : s) n += b;
+  for (const auto& s : recompute)
+    for (uint8_t b : s) n += b;
   return n;
+}
+
+bool Plan::block_recomputes(int block) const {
+  for (uint8_t b : recompute.at(block))
+    if (b) return true;
+  return false;
+}
+
+std::string Plan::block_set(int block) const {
+  std::string out;
+  for (size_t k = 0; k < slots.size(); k++)
+    if (recompute.at(block)[k]) out += (out.empty() ? "" : "+") + slots[k];
+  return out;
 }
 
 namespace {
 
-KindSet kinds_of(std::initializer_list<ActKind> ks) {
-  KindSet s{};
-  for (ActKind k : ks) s[static_cast<int>(k)] = true;
-  return s;
+using SlotSet = std::vector<uint8_t>;
+
+SlotSet of_classes(const PlanSchema& s, std::initializer_list<TensorClass> classes) {
+  SlotSet out(s.slots.size(), 0);
+  for (size_t k = 0; k < s.slots.size(); k++)
+    for (TensorClass c : classes)
+      if (s.slot_class[k] == c) out[k] = 1;
+  return out;
 }
 
 // The recompute set of a named per-block policy; false when name is not one.
-bool named_set(const std::string& name, KindSet* out) {
-  using K = ActKind;
+bool named_set(const std::string& name, const PlanSchema& schema, SlotSet* out) {
+  using C = TensorClass;
   if (name == "none") {
-    *out = KindSet{};
+    *out = SlotSet(schema.slots.size(), 0);
   } else if (name == "selective") {
-    *out = kinds_of({K::kLN1, K::kLN2, K::kGELU});
+    *out = of_classes(schema, {C::kNorm, C::kActivation});
   } else if (name == "attention") {
-    *out = kinds_of({K::kLN1, K::kLN2, K::kGELU, K::kAttn});
+    *out = of_classes(schema, {C::kNorm, C::kActivation, C::kAttention});
   } else if (name == "full") {
-    *out = kinds_of({K::kLN1, K::kQKV, K::kAttn, K::kR2, K::kLN2, K::kFCH, K::kGELU});
+    *out = SlotSet(schema.slots.size(), 1);
   } else {
-    // KIND+KIND+...
-    KindSet s{};
+    // NAME+NAME+...
+    SlotSet s(schema.slots.size(), 0);
     size_t start = 0;
     while (start <= name.size()) {
       size_t plus = name.find('+', start);
       std::string part =
           name.substr(start, plus == std::string::npos ? std::string::npos : plus - start);
       bool found = false;
-      for (int k = 0; k < kNumActKinds; k++) {
-        if (part == act_kind_name(static_cast<ActKind>(k))) {
-          s[k] = true;
+      for (size_t k = 0; k < schema.slots.size(); k++) {
+        if (part == schema.slots[k]) {
+          s[k] = 1;
           found = true;
         }
       }
@@ -72,51 +88,57 @@ bool named_set(const std::string& name, KindSet* out) {
 
 // A block number or count: decimal digits only, at most INT_MAX.
 int parse_int(const std::string& text, const std::string& spec) {
-  REMAT_CHECK(!text.empty() && std::all_of(text.begin(), text.end(),
-                                           [](unsigned char ch) { return std::isdigit(ch); }),
-              "--recompute '" + spec + "': '" + text + "' is not a block number");
+  if (text.empty() || !std::all_of(text.begin(), text.end(),
+                                   [](unsigned char ch) { return std::isdigit(ch); }))
+    throw Error("--recompute '" + spec + "': '" + text + "' is not a number");
   int64_t value = 0;
   for (char ch : text) {
     value = value * 10 + (ch - '0');
-    REMAT_CHECK(value <= std::numeric_limits<int>::max(),
-                "--recompute '" + spec + "': block number '" + text + "' is too large");
+    if (value > std::numeric_limits<int>::max())
+      throw Error("--recompute '" + spec + "': '" + text + "' is too large");
   }
   return static_cast<int>(value);
 }
 
 // Applies one policy (a named set or every:K) to blocks [lo, hi].
-void apply(Plan& plan, const std::string& policy, int lo, int hi, const std::string& spec) {
+void apply(Plan& plan, const PlanSchema& schema, const std::string& policy, int lo, int hi,
+           const std::string& spec) {
   const int L = static_cast<int>(plan.recompute.size());
   if (policy.rfind("every:", 0) == 0) {
     int k = parse_int(policy.substr(6), spec);
-    REMAT_CHECK(k >= 0 && k <= L, "--recompute '" + spec + "': every:K needs 0 <= K <= " +
-                                      std::to_string(L) + " blocks");
+    if (k < 1 || k > L)
+      throw Error("--recompute '" + spec + "': every:K needs 1 <= K <= " + std::to_string(L) +
+                  " (the model's blocks)");
     // `full` on K blocks spread evenly over [lo, hi].
     const int n = hi - lo + 1;
-    for (int b = lo; b <= hi; b++) plan.recompute[b] = KindSet{};
-    KindSet full;
-    named_set("full", &full);
+    for (int b = lo; b <= hi; b++) plan.recompute[b] = SlotSet(schema.slots.size(), 0);
+    SlotSet full(schema.slots.size(), 1);
     for (int i = 0; i < std::min(k, n); i++) {
-      int b = lo + static_cast<int>((static_cast<int64_t>(i) * n) / std::max(k, 1));
+      int b = lo + static_cast<int>((static_cast<int64_t>(i) * n) / k);
       plan.recompute[b] = full;
     }
     return;
   }
-  KindSet s;
-  REMAT_CHECK(named_set(policy, &s),
-              "--recompute '" + spec + "': unknown policy '" + policy +
-                  "' (use none, selective, attention, full, every:K, budget:BYTES, or kinds "
-                  "joined by '+' from ln1, qkv, attn, r2, ln2, fch, gelu)");
+  SlotSet s;
+  if (!named_set(policy, schema, &s)) {
+    std::string names;
+    for (const std::string& n : schema.slots) names += (names.empty() ? "" : ", ") + n;
+    throw Error("--recompute '" + spec + "': unknown policy '" + policy +
+                "' (use none, selective, attention, full, every:K, budget:BYTES, or names "
+                "joined by '+' from " + names + ")");
+  }
   for (int b = lo; b <= hi; b++) plan.recompute[b] = s;
 }
 
 }  // namespace
 
-Plan parse_plan(const std::string& spec, int num_blocks) {
+Plan parse_plan(const std::string& spec, const PlanSchema& schema) {
+  const int num_blocks = schema.num_blocks;
   REMAT_CHECK(num_blocks > 0, "a plan needs at least one block");
   Plan plan;
   plan.spec = spec;
-  plan.recompute.assign(num_blocks, KindSet{});
+  plan.slots = schema.slots;
+  plan.recompute.assign(num_blocks, SlotSet(schema.slots.size(), 0));
   std::vector<std::string> parts;
   size_t start = 0;
   while (true) {
@@ -126,22 +148,23 @@ Plan parse_plan(const std::string& spec, int num_blocks) {
     if (comma == std::string::npos) break;
     start = comma + 1;
   }
-  REMAT_CHECK(!parts[0].empty(), "--recompute: empty policy");
-  REMAT_CHECK(parts[0].rfind("budget:", 0) != 0,
-              "--recompute '" + spec + "': budget plans are made by the planner");
-  apply(plan, parts[0], 0, num_blocks - 1, spec);
+  if (parts[0].empty()) throw Error("--recompute: empty policy");
+  if (parts[0].rfind("budget:", 0) == 0)
+    throw Error("--recompute '" + spec + "': budget:BYTES cannot have per-block overrides");
+  apply(plan, schema, parts[0], 0, num_blocks - 1, spec);
   for (size_t i = 1; i < parts.size(); i++) {
     const std::string& o = parts[i];
     size_t eq = o.find('=');
-    REMAT_CHECK(eq != std::string::npos,
-                "--recompute '" + spec + "': override '" + o + "' must look like A-B=POLICY");
+    if (eq == std::string::npos)
+      throw Error("--recompute '" + spec + "': override '" + o + "' must look like A-B=POLICY");
     std::string range = o.substr(0, eq);
     size_t dash = range.find('-');
     int lo = parse_int(range.substr(0, dash), spec);
     int hi = dash == std::string::npos ? lo : parse_int(range.substr(dash + 1), spec);
-    REMAT_CHECK(lo <= hi && hi < num_blocks, "--recompute '" + spec + "': block range " + range +
-                                                 " is outside 0-" + std::to_string(num_blocks - 1));
-    apply(plan, o.substr(eq + 1), lo, hi, spec);
+    if (!(lo <= hi && hi < num_blocks))
+      throw Error("--recompute '" + spec + "': block range " + range + " is outside 0-" +
+                  std::to_string(num_blocks - 1));
+    apply(plan, schema, o.substr(eq + 1), lo, hi, spec);
   }
   return plan;
 }
@@ -199,43 +222,46 @@ std::string format_bytes(uint64_t b) {
   return buf;
 }
 
-double plan_seconds(const Plan& p, const std::array<KindCost, kNumActKinds>& costs) {
-  double s = 0;
-  for (const KindSet& set : p.recompute)
-    for (int k = 0; k < kNumActKinds; k++)
-      if (set[k]) s += costs[k].seconds;
-  return s;
-}
-
-double plan_flops(const Plan& p, const std::array<KindCost, kNumActKinds>& costs) {
-  double f = 0;
-  for (const KindSet& set : p.recompute)
-    for (int k = 0; k < kNumActKinds; k++)
-      if (set[k]) f += costs[k].flops;
-  return f;
-}
-
 namespace {
 
 // Exact minimum of sum c_k * cost_k subject to sum c_k * bytes_k >= need, 0 <= c_k <= L,
 // by depth-first branch and bound over kinds sorted by cost per byte, bounded by the
 // fractional (LP) relaxation of the remaining kinds.
 struct Knapsack {
-  std::vector<int> order;  // kinds by increasing cost per byte
-  std::array<KindCost, kNumActKinds> costs;
+  std::vector<int> order;  // slots by increasing cost per byte
+  std::vector<uint64_t> bytes;
+  std::vector<double> cost;
   int L;
   double best = std::numeric_limits<double>::infinity();
-  std::array<int, kNumActKinds> best_counts{};
-  std::array<int, kNumActKinds> counts{};
+  std::vector<int> best_counts, counts;
+
+  Knapsack(const std::vector<SlotCost>& c, int blocks, bool exclusive) : L(blocks) {
+    for (const SlotCost& x : c) {
+      bytes.push_back(x.bytes);
+      cost.push_back(exclusive ? x.lb_seconds : x.seconds);
+    }
+    for (size_t k = 0; k < c.size(); k++)
+      if (bytes[k] > 0) order.push_back(static_cast<int>(k));
+    std::sort(order.begin(), order.end(),
+              [&](int a, int b) { return cost[a] / bytes[a] < cost[b] / bytes[b]; });
+    counts.assign(c.size(), 0);
+    best_counts = counts;
+  }
+  double solve(double need) {
+    best = std::numeric_limits<double>::infinity();
+    std::fill(counts.begin(), counts.end(), 0);
+    search(0, need, 0.0);
+    return best;
+  }
 
   // Least cost to cover `need` bytes with kinds order[i..] fractionally.
   double lp_bound(size_t i, double need) const {
     double cost = 0;
     for (; i < order.size() && need > 0; i++) {
-      const KindCost& c = costs[order[i]];
-      double take = std::min(static_cast<double>(L), need / c.bytes);
-      cost += take * c.seconds;
-      need -= take * c.bytes;
+      const int k = order[i];
+      double take = std::min(static_cast<double>(L), need / bytes[k]);
+      cost += take * this->cost[k];
+      need -= take * bytes[k];
     }
     return need > 0 ? std::numeric_limits<double>::infinity() : cost;
   }
@@ -249,11 +275,11 @@ struct Knapsack {
     }
     if (i == order.size()) return;
     if (cost + lp_bound(i, need) >= best) return;
-    const KindCost& c = costs[order[i]];
-    const int useful = static_cast<int>(std::min<double>(L, std::ceil(need / c.bytes)));
+    const int k = order[i];
+    const int useful = static_cast<int>(std::min<double>(L, std::ceil(need / bytes[k])));
     for (int n = useful; n >= 0; n--) {
-      counts[order[i]] = n;
-      search(i + 1, need - static_cast<double>(n) * c.bytes, cost + n * c.seconds);
+      counts[k] = n;
+      search(i + 1, need - static_cast<double>(n) * bytes[k], cost + n * this->cost[k]);
     }
     counts[order[i]] = 0;
   }
@@ -261,12 +287,16 @@ struct Knapsack {
 
 }  // namespace
 
-Plan plan_for_budget(const std::string& spec, uint64_t budget, int L,
-                     const std::array<KindCost, kNumActKinds>& costs,
+Plan plan_for_budget(const std::string& spec, uint64_t budget, const PlanSchema& schema,
+                     const std::vector<SlotCost>& costs,
                      const std::function<uint64_t(const Plan&)>& peak_of,
+                     const std::function<double(const Plan&)>& seconds_of,
                      double* lower_bound_seconds, int exhaustive_limit) {
-  Plan none = parse_plan("none", L);
-  Plan full = parse_plan("full", L);
+  const int L = schema.num_blocks;
+  const int K = static_cast<int>(schema.slots.size());
+  REMAT_CHECK(static_cast<int>(costs.size()) == K, "planner: one cost per slot");
+  Plan none = parse_plan("none", schema);
+  Plan full = parse_plan("full", schema);
   none.spec = full.spec = spec;
   const uint64_t full_peak = peak_of(full);
   if (full_peak > budget) {
@@ -279,14 +309,13 @@ Plan plan_for_budget(const std::string& spec, uint64_t budget, int L,
   if (lower_bound_seconds) *lower_bound_seconds = 0;
   if (none_peak <= budget) return none;
 
-  const int items = L * kNumActKinds;
+  const int items = L * K;
   if (items <= exhaustive_limit) {
     Plan best = full, trial = none;
-    double best_cost = plan_seconds(full, costs);
+    double best_cost = seconds_of(full);
     for (uint64_t mask = 0; mask < (1ull << items); mask++) {
-      for (int i = 0; i < items; i++)
-        trial.recompute[i / kNumActKinds][i % kNumActKinds] = (mask >> i) & 1;
-      double cost = plan_seconds(trial, costs);
+      for (int i = 0; i < items; i++) trial.recompute[i / K][i % K] = (mask >> i) & 1;
+      double cost = seconds_of(trial);
       if (cost < best_cost && peak_of(trial) <= budget) {
         best_cost = cost;
         best = trial;
@@ -296,28 +325,19 @@ Plan plan_for_budget(const std::string& spec, uint64_t budget, int L,
     return best;
   }
 
-  Knapsack ks;
-  ks.costs = costs;
-  ks.L = L;
-  for (int k = 0; k < kNumActKinds; k++)
-    if (costs[k].bytes > 0) ks.order.push_back(k);
-  std::sort(ks.order.begin(), ks.order.end(), [&](int a, int b) {
-    return costs[a].seconds / costs[a].bytes < costs[b].seconds / costs[b].bytes;
-  });
-
   double need = static_cast<double>(none_peak - budget);
+  if (lower_bound_seconds) {
+    Knapsack bound(costs, L, /*exclusive=*/true);
+    const double lb = bound.solve(need);
+    *lower_bound_seconds = std::isfinite(lb) ? lb : 0;
+  }
+  Knapsack ks(costs, L, /*exclusive=*/false);
   Plan plan = full;
-  bool first = true;
   for (int iter = 0; iter < 64; iter++) {
-    ks.best = std::numeric_limits<double>::infinity();
-    ks.counts = {};
-    ks.search(0, need, 0.0);
-    if (!std::isfinite(ks.best)) break;  // nothing short of everything: full (fits) it is
-    if (first && lower_bound_seconds) *lower_bound_seconds = ks.best;
-    first = false;
+    if (!std::isfinite(ks.solve(need))) break;  // nothing short of everything: full (fits) it is
     Plan trial = none;
-    for (int k = 0; k < kNumActKinds; k++)
-      for (int b = 0; b < ks.best_counts[k]; b++) trial.recompute[b][k] = true;
+    for (int k = 0; k < K; k++)
+      for (int b = 0; b < ks.best_counts[k]; b++) trial.recompute[b][k] = 1;
     const uint64_t peak = peak_of(trial);
     if (peak <= budget) {
       plan = trial;
@@ -328,14 +348,26 @@ Plan plan_for_budget(const std::string& spec, uint64_t budget, int L,
   // Keep again whatever still fits, most expensive first.
   std::vector<std::pair<int, int>> chosen;
   for (int b = 0; b < L; b++)
-    for (int k = 0; k < kNumActKinds; k++)
+    for (int k = 0; k < K; k++)
       if (plan.recompute[b][k]) chosen.push_back({b, k});
   std::stable_sort(chosen.begin(), chosen.end(), [&](auto x, auto y) {
     return costs[x.second].seconds > costs[y.second].seconds;
   });
+  // Keeping one more tensor adds at most its bytes to the live bytes at any point (what is
+  // live under the new plan is what was live before, or that tensor), so while the bound
+  // fits no dry run is needed; the decisions are the ones a dry run per item would make.
+  uint64_t peak_bound = peak_of(plan);
   for (auto [b, k] : chosen) {
-    plan.recompute[b][k] = false;
-    if (peak_of(plan) > budget) plan.recompute[b][k] = true;
+    plan.recompute[b][k] = 0;
+    if (peak_bound + costs[k].bytes <= budget) {
+      peak_bound += costs[k].bytes;
+      continue;
+    }
+    const uint64_t peak = peak_of(plan);
+    if (peak > budget)
+      plan.recompute[b][k] = 1;
+    else
+      peak_bound = peak;
   }
   return plan;
 }

@@ -1,7 +1,7 @@
-// The checkpoint plan: for every activation kind of every transformer block, keep it until
-// its backward use or recompute it (free after its last forward use, rebuild before its
-// first backward use). Model-agnostic: the model describes its kinds (bytes and recompute
-// cost); the planner chooses.
+// The checkpoint plan: for every saved tensor of every transformer block, keep it until its
+// backward use or recompute it (free after its last forward use, rebuild before its first
+// backward use). Model-agnostic: the program names the saved tensors (runtime/program.h);
+// the planner chooses.
 #pragma once
 #include <array>
 #include <cstdint>
@@ -9,44 +9,46 @@
 #include <string>
 #include <vector>
 
+#include "runtime/program.h"
+
 namespace remat {
 
-// The activations a GPT-2 block stores, each the output group of one forward op.
-enum class ActKind : int {
-  kLN1 = 0,  // ln1 (N, C) + mean, rstd (N): LayerNorm of the block input
-  kQKV,      // qkv (N, 3C): ln1 @ Wqkv + b
-  kAttn,     // atty (N, C) + lse (B, NH, T): flash attention output and log-sum-exp
-  kR2,       // r2 (N, C): block input + attention projection (the mid-block residual)
-  kLN2,      // ln2 (N, C) + mean, rstd (N)
-  kFCH,      // fch (N, 4C): ln2 @ Wfc + b (GeLU input)
-  kGELU,     // gelu (N, 4C)
-  kCount
+// What a plan decides about: the saved tensors of every block, by name (Program::slots),
+// and the class of op output each is (presets are defined by class).
+struct PlanSchema {
+  int num_blocks = 0;
+  std::vector<std::string> slots;       // e.g. ln1 qkv attn r2 ln2 fch gelu
+  std::vector<TensorClass> slot_class;  // one per slot
 };
-constexpr int kNumActKinds = static_cast<int>(ActKind::kCount);
-const char* act_kind_name(ActKind k);
-
-using KindSet = std::array<bool, kNumActKinds>;  // true = recompute
+PlanSchema plan_schema(const Program& p);
 
 struct Plan {
-  std::string spec;                // what the user asked for, e.g. "selective" or "budget:8GiB"
-  std::vector<KindSet> recompute;  // one per block
+  std::string spec;                            // what the user asked for: "selective", ...
+  std::vector<std::string> slots;              // the schema's slot names
+  std::vector<std::vector<uint8_t>> recompute; // [block][slot]: 1 = recompute
   bool any_recompute() const;
-  int num_recomputed() const;  // (block, kind) pairs recomputed
+  int num_recomputed() const;  // (block, slot) pairs recomputed
+  bool block_recomputes(int block) const;
+  // The slots recomputed in a block, joined by '+' ("" for none).
+  std::string block_set(int block) const;
 };
 
-// What recomputing one kind of one block costs and saves.
-struct KindCost {
-  uint64_t bytes;  // bytes freed by not keeping it
-  double flops;    // FLOPs to rebuild it
-  double seconds;  // modelled time to rebuild it (roofline of flops and bytes moved)
+// What recomputing one slot of one block costs and saves.
+struct SlotCost {
+  uint64_t bytes = 0;       // bytes freed by not keeping it
+  double flops = 0;         // FLOPs to rebuild it alone (everything else kept)
+  double seconds = 0;       // modelled time to rebuild it alone
+  double lb_seconds = 0;    // a part of `seconds` no other slot's rebuild can share
 };
 
-// Parses a policy for `num_blocks` blocks:
-//   none | selective | attention | full | every:K | KIND+KIND+... (e.g. ln1+gelu)
+// Parses a policy for a schema's blocks. Presets by the class of op output:
+//   none; selective = norm and activation-function outputs (memory-bound ops);
+//   attention = selective + attention outputs; full = every saved tensor but the block input;
+//   every:K = full on K blocks spread over the model; NAME+NAME+... (e.g. ln1+gelu)
 //   optionally followed by per-block overrides ",A-B=POLICY" or ",A=POLICY"
 //   (e.g. "selective,0-3=full"). budget:BYTES is handled by plan_for_budget.
 // Throws remat::Error naming the bad part.
-Plan parse_plan(const std::string& spec, int num_blocks);
+Plan parse_plan(const std::string& spec, const PlanSchema& schema);
 
 // True when spec starts with "budget:"; *bytes gets the parsed size (accepts K, M, G, KiB,
 // MiB, GiB, KB, MB, GB suffixes).
@@ -55,25 +57,23 @@ uint64_t parse_bytes(const std::string& text);
 std::string format_bytes(uint64_t bytes);
 
 // The least-cost plan whose peak (as measured by `peak_of`, normally a dry run of the real
-// schedule) fits in `budget` bytes.
-// Method: a necessary condition for any feasible plan is that the bytes it does not keep are
-// at least need = peak_of(none) - budget. Minimising cost under that condition is a knapsack
-// over (block, kind) items with L identical copies of each kind; it is solved exactly by
-// branch and bound over per-kind counts. Its optimum is a lower bound on every feasible
-// plan's cost (reported in *lower_bound_seconds). The chosen counts are placed on the
-// lowest blocks (the backward pass reaches them last, when the most memory has been freed, so
-// their recompute transients cost least), checked with peak_of, and `need` is raised by the
-// overshoot until the plan fits; then each recomputed item is kept again, most expensive
-// first, wherever the plan still fits. With exhaustive_limit >= number of items, every plan
-// is tried instead, which is exact.
-// Throws remat::Error naming the smallest feasible budget (peak_of(full plan)) when even
+// schedule) fits in `budget` bytes; `seconds_of` is a plan's exact modelled recompute time.
+// Method: any feasible plan gives up at least need = peak_of(none) - budget bytes. The
+// least cost under that condition is a knapsack over (block, slot) items, L copies of each
+// slot, solved exactly by branch and bound over per-slot counts. Solved with each slot's
+// exclusive cost (SlotCost::lb_seconds, additive over any set) its optimum is a lower bound
+// on every feasible plan's cost (*lower_bound_seconds); solved with the stand-alone costs it
+// gives the counts to try. Those are placed on the lowest blocks (the backward pass reaches
+// them last, when the most memory has been freed), checked with peak_of, and `need` is raised
+// by the overshoot until the plan fits; then each recomputed item is kept again, most
+// expensive first, wherever the plan still fits. With exhaustive_limit >= the number of
+// items every plan is tried instead (exact).
+// Throws remat::Error naming the smallest feasible budget (peak_of(full)) when even
 // recomputing everything does not fit.
-Plan plan_for_budget(const std::string& spec, uint64_t budget, int num_blocks,
-                     const std::array<KindCost, kNumActKinds>& costs,
+Plan plan_for_budget(const std::string& spec, uint64_t budget, const PlanSchema& schema,
+                     const std::vector<SlotCost>& costs,
                      const std::function<uint64_t(const Plan&)>& peak_of,
+                     const std::function<double(const Plan&)>& seconds_of,
                      double* lower_bound_seconds = nullptr, int exhaustive_limit = 14);
-
-double plan_seconds(const Plan& p, const std::array<KindCost, kNumActKinds>& costs);
-double plan_flops(const Plan& p, const std::array<KindCost, kNumActKinds>& costs);
 
 }  // namespace remat

@@ -17,7 +17,7 @@
 // - Profiling: the worker names its thread for NVTX and opens an NVTX range named by the
 //   label around each op (and one named "wait" around each cross-stream wait); those are
 //   no-ops unless a profiler is attached. With a trace sink attached the worker reads the
-//   steady clock around each op and reports it; an ItemTraceSink (profiling/trace_sink.h)
+//   steady clock around each op and reports it; an ItemTraceSink (runtime/trace_sink.h)
 //   also gets each cross-stream wait, timed from when the worker began waiting to when the
 //   event was complete, and each item's host launch time (read in launch()/wait() while a
 //   sink is attached). With no sink attached no clock is read.
@@ -35,8 +35,8 @@
 #include <utility>
 
 #include "kernels/common.h"
-#include "profiling/nvtx.h"
-#include "profiling/trace_sink.h"
+#include "runtime/nvtx.h"
+#include "runtime/trace_sink.h"
 
 namespace remat {
 

@@ -192,7 +192,7 @@ TEST_P(BackendContract, ScratchOpsOnMainRecomputeForwardOnlyNoAllocationInSteps)
   h.total_steps = 3;
   ScheduleOptions so;
   so.verify_recompute = true;  // its copies and host compares go through the backend too
-  Trainer tr(c, 2, 8, 2, h, parse_plan(GetParam(), c.num_layers), so, test::init(c), &be);
+  Trainer tr(c, 2, 8, 2, h, parse_plan(GetParam(), c), so, test::init(c), &be);
   const int main_id = tr.runner().main_stream()->id();
   const int side_id = tr.runner().side_stream()->id();
   ASSERT_NE(main_id, side_id);
@@ -245,7 +245,7 @@ TEST(BackendTrainer, DevicePathEqualsHostPathAndResumesBitForBit) {
   h.lr = 3e-3f;
   h.weight_decay = 0.1f;
   h.total_steps = 6;
-  const Plan plan = parse_plan("full", c.num_layers);
+  const Plan plan = parse_plan("full", c);
   auto run = [&](Backend* be, int steps, std::vector<float>* losses) {
     DataLoader data(dir / "d.bin", 2, 8, c.vocab_size, true, 3);
     auto tr = std::make_unique<Trainer>(c, 2, 8, 1, h, plan, ScheduleOptions{}, test::init(c), be);

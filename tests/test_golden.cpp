@@ -111,9 +111,9 @@ std::string budget_spec(const Shape& s, int lookahead) {
   c.num_heads = s.heads;
   ScheduleOptions so;
   so.lookahead = lookahead;
-  const uint64_t none = dry_run_activation_peak(c, s.B, s.T, parse_plan("none", s.layers),
+  const uint64_t none = dry_run_activation_peak(c, s.B, s.T, parse_plan("none", c),
                                                 ActDType::kFP32, so);
-  const uint64_t full = dry_run_activation_peak(c, s.B, s.T, parse_plan("full", s.layers),
+  const uint64_t full = dry_run_activation_peak(c, s.B, s.T, parse_plan("full", c),
                                                 ActDType::kFP32, so);
   return "budget:" + std::to_string((none + full) / 2);
 }

@@ -28,7 +28,7 @@ TEST(Model, InitialLossNearLogVocab) {
   const int B = 2, T = 8;
   auto in = test::random_tokens(B * T, c.vocab_size, 1),
        tg = test::random_tokens(B * T, c.vocab_size, 2);
-  GPT2Runner r(c, B, T, parse_plan("none", c.num_layers), ActDType::kFP32, {}, false);
+  GPT2Runner r(c, B, T, parse_plan("none", c), ActDType::kFP32, {}, false);
   const float loss = loss_of(r, p, in, tg);
   // Logits of a freshly initialised model are small, so the softmax is near uniform over V
   // (never over the padded Vp).
@@ -41,7 +41,7 @@ TEST(Model, ForwardBackwardLossEqualsForwardLoss) {
   const int B = 3, T = 5;
   auto in = test::random_tokens(B * T, c.vocab_size, 3),
        tg = test::random_tokens(B * T, c.vocab_size, 4);
-  GPT2Runner r(c, B, T, parse_plan("none", c.num_layers), ActDType::kFP32, {}, false);
+  GPT2Runner r(c, B, T, parse_plan("none", c), ActDType::kFP32, {}, false);
   std::vector<float> g(p.size(), 0.0f);
   const float a = r.forward_backward(p.data(), g.data(), in.data(), tg.data(), 1.0f / (B * T));
   const float b = loss_of(r, p, in, tg);
@@ -58,7 +58,7 @@ TEST(Model, GradientMatchesFiniteDifferences) {
   const int B = 2, T = 6;
   auto in = test::random_tokens(B * T, c.vocab_size, 5),
        tg = test::random_tokens(B * T, c.vocab_size, 6);
-  GPT2Runner r(c, B, T, parse_plan("none", c.num_layers), ActDType::kFP32, {}, false);
+  GPT2Runner r(c, B, T, parse_plan("none", c), ActDType::kFP32, {}, false);
   std::vector<float> g(p.size(), 0.0f);
   r.forward_backward(p.data(), g.data(), in.data(), tg.data(), 1.0f / (B * T));
   for (float x : g) ASSERT_TRUE(std::isfinite(x));
@@ -104,7 +104,7 @@ TEST(Model, OverfitsOneBatch) {
   h.lr = 1e-2f;
   h.beta2 = 0.99f;
   h.total_steps = 150;
-  Trainer tr(c, B, T, 1, h, parse_plan("none", c.num_layers), {}, test::init(c));
+  Trainer tr(c, B, T, 1, h, parse_plan("none", c), {}, test::init(c));
   float first = 0, last = 0;
   for (int s = 0; s < 150; s++) {
     StepResult r = tr.step(data);
@@ -122,7 +122,7 @@ std::vector<float> run_losses(uint64_t seed, const std::string& shard, int steps
   Hyper h;
   h.lr = 3e-3f;
   h.total_steps = steps;
-  Trainer tr(c, 2, 8, 2, h, parse_plan("none", c.num_layers), {}, test::init(c, seed));
+  Trainer tr(c, 2, 8, 2, h, parse_plan("none", c), {}, test::init(c, seed));
   std::vector<float> losses;
   for (int s = 0; s < steps; s++) losses.push_back(tr.step(data).loss);
   *final_params = tr.params();
@@ -175,7 +175,7 @@ TEST(Model, ResumeContinuesBitForBit) {
   h.cosine = true;
   h.total_steps = 6;
   auto make = [&] {
-    return std::make_unique<Trainer>(c, 2, 8, 2, h, parse_plan("selective", c.num_layers),
+    return std::make_unique<Trainer>(c, 2, 8, 2, h, parse_plan("selective", c),
                                      ScheduleOptions{}, test::init(c, 5));
   };
   DataLoader d1(dir / "d.bin", 2, 8, c.vocab_size, true, 5);

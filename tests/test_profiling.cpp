@@ -624,7 +624,7 @@ struct TinyRun {
   std::vector<int> in = test::random_tokens(size_t(B) * T, c.vocab_size, 1);
   std::vector<int> tg = test::random_tokens(size_t(B) * T, c.vocab_size, 2);
   GPT2Runner runner{
-      c, B, T, parse_plan("full", c.num_layers), ActDType::kFP32, ScheduleOptions{}, false};
+      c, B, T, parse_plan("full", c), ActDType::kFP32, ScheduleOptions{}, false};
   float step() {
     return runner.forward_backward(params.data(), grads.data(), in.data(), tg.data(),
                                    1.0f / (B * T));

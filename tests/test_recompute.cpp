@@ -100,9 +100,9 @@ TEST_F(Policies, LookaheadDoesNotChangeResults) {
 TEST_F(Policies, BudgetPlanTrainsBitwiseLikeNone) {
   GPT2Config c = tiny_config(3);
   const uint64_t none =
-      dry_run_activation_peak(c, 2, 8, parse_plan("none", 3), ActDType::kFP32, {});
+      dry_run_activation_peak(c, 2, 8, parse_plan("none", tiny_config(3)), ActDType::kFP32, {});
   const uint64_t full =
-      dry_run_activation_peak(c, 2, 8, parse_plan("full", 3), ActDType::kFP32, {});
+      dry_run_activation_peak(c, 2, 8, parse_plan("full", tiny_config(3)), ActDType::kFP32, {});
   const std::string spec = "budget:" + std::to_string((none + full) / 2);
   expect_bitwise_equal(train(*dir_ / "d.bin", spec, 5), *none_, spec);
 }
@@ -126,7 +126,7 @@ TEST(Arena, PredictedPeakEqualsMeasured) {
       SCOPED_TRACE(std::string(spec) + " lookahead " + std::to_string(la));
       ScheduleOptions so;
       so.lookahead = la;
-      Plan plan = parse_plan(spec, c.num_layers);
+      Plan plan = parse_plan(spec, c);
       GPT2Runner dry(c, B, T, plan, ActDType::kFP32, so, true);
       dry.forward_backward(nullptr, nullptr, nullptr, nullptr, 1.0f);
       GPT2Runner real(c, B, T, plan, ActDType::kFP32, so, false);
@@ -146,7 +146,7 @@ TEST(Arena, PredictedPeakEqualsMeasured) {
 }
 
 uint64_t act_peak(const GPT2Config& c, int B, int T, const std::string& spec, ActDType dt) {
-  return dry_run_activation_peak(c, B, T, parse_plan(spec, c.num_layers), dt, {});
+  return dry_run_activation_peak(c, B, T, parse_plan(spec, c), dt, {});
 }
 
 TEST(Plan, PeaksAreOrdered) {
@@ -168,16 +168,16 @@ TEST(Plan, PeaksAreOrdered) {
 }
 
 TEST(Plan, ParsesPresetsAndOverrides) {
-  Plan p = parse_plan("selective,0-1=full,3=none", 4);
-  EXPECT_EQ(p.recompute[0], parse_plan("full", 1).recompute[0]);
-  EXPECT_EQ(p.recompute[1], parse_plan("full", 1).recompute[0]);
-  EXPECT_EQ(p.recompute[2], parse_plan("selective", 1).recompute[0]);
-  EXPECT_EQ(p.recompute[3], KindSet{});
-  EXPECT_EQ(parse_plan("every:2", 4).num_recomputed(), 2 * kNumActKinds);
-  EXPECT_EQ(parse_plan("ln1+gelu", 3).num_recomputed(), 6);
-  EXPECT_THROW(parse_plan("bogus", 4), Error);
-  EXPECT_THROW(parse_plan("full,7=none", 4), Error);
-  EXPECT_THROW(parse_plan("every:9", 4), Error);
+  Plan p = parse_plan("selective,0-1=full,3=none", tiny_config(4));
+  EXPECT_EQ(p.recompute[0], parse_plan("full", tiny_config(1)).recompute[0]);
+  EXPECT_EQ(p.recompute[1], parse_plan("full", tiny_config(1)).recompute[0]);
+  EXPECT_EQ(p.recompute[2], parse_plan("selective", tiny_config(1)).recompute[0]);
+  EXPECT_EQ(p.recompute[3], parse_plan("none", tiny_config(1)).recompute[0]);
+  EXPECT_EQ(parse_plan("every:2", tiny_config(4)).num_recomputed(), 2 * 7);
+  EXPECT_EQ(parse_plan("ln1+gelu", tiny_config(3)).num_recomputed(), 6);
+  EXPECT_THROW(parse_plan("bogus", tiny_config(4)), Error);
+  EXPECT_THROW(parse_plan("full,7=none", tiny_config(4)), Error);
+  EXPECT_THROW(parse_plan("every:9", tiny_config(4)), Error);
   EXPECT_EQ(parse_bytes("2GiB"), 2ull << 30);
   EXPECT_EQ(parse_bytes("1.5KB"), 1500u);
   EXPECT_THROW(parse_bytes("12 parsecs"), Error);
@@ -187,15 +187,15 @@ TEST(Plan, ParsesPresetsAndOverrides) {
 struct Brute {
   double cost = INFINITY;
 };
-Brute brute_force(const GPT2Config& c, int B, int T, uint64_t budget,
-                  const std::array<KindCost, kNumActKinds>& costs) {
+Brute brute_force(const GPT2Config& c, int B, int T, uint64_t budget) {
   Brute best;
-  const int items = c.num_layers * kNumActKinds;
-  Plan p = parse_plan("none", c.num_layers);
+  auto prog = gpt2_program(c, B, T);
+  const int K = static_cast<int>(prog->slots.size());
+  const int items = c.num_layers * K;
+  Plan p = parse_plan("none", c);
   for (uint64_t mask = 0; mask < (1ull << items); mask++) {
-    for (int i = 0; i < items; i++)
-      p.recompute[i / kNumActKinds][i % kNumActKinds] = (mask >> i) & 1;
-    const double cost = plan_seconds(p, costs);
+    for (int i = 0; i < items; i++) p.recompute[i / K][i % K] = (mask >> i) & 1;
+    const double cost = recompute_cost(*prog, p, 4, CostModel{}).seconds;
     if (cost >= best.cost) continue;
     if (dry_run_activation_peak(c, B, T, p, ActDType::kFP32, {}) <= budget) best.cost = cost;
   }
@@ -205,22 +205,26 @@ Brute brute_force(const GPT2Config& c, int B, int T, uint64_t budget,
 TEST(Plan, BudgetFitsAndIsNoCostlierThanBruteForce) {
   GPT2Config c = tiny_config(2);
   const int B = 2, T = 16;
-  auto costs = kind_costs(c, B, T, ActDType::kFP32, CostModel{});
+  auto prog = gpt2_program(c, B, T);
+  const std::vector<SlotCost> costs = slot_costs(*prog, 4, CostModel{});
   auto peak_of = [&](const Plan& p) {
     return dry_run_activation_peak(c, B, T, p, ActDType::kFP32, {});
   };
-  const uint64_t none = peak_of(parse_plan("none", 2)), full = peak_of(parse_plan("full", 2));
+  auto seconds_of = [&](const Plan& p) { return recompute_cost(*prog, p, 4, CostModel{}).seconds; };
+  const uint64_t none = peak_of(parse_plan("none", c)), full = peak_of(parse_plan("full", c));
   for (double f : {0.0, 0.2, 0.5, 0.8, 0.95}) {
     const uint64_t budget = full + static_cast<uint64_t>(f * (none - full));
-    Brute b = brute_force(c, B, T, budget, costs);
+    Brute b = brute_force(c, B, T, budget);
     for (int limit : {14, 0}) {  // exhaustive, then the knapsack path
       SCOPED_TRACE("budget " + std::to_string(budget) + " exhaustive_limit " +
                    std::to_string(limit));
       double lb = -1;
-      Plan p = plan_for_budget("budget", budget, 2, costs, peak_of, &lb, limit);
+      Plan p = plan_for_budget("budget", budget, gpt2_plan_schema(c), costs, peak_of, seconds_of,
+                               &lb, limit);
       EXPECT_LE(peak_of(p), budget);
-      EXPECT_LE(plan_seconds(p, costs), b.cost * (1 + 1e-12));
-      EXPECT_LE(lb, plan_seconds(p, costs) * (1 + 1e-12));
+      EXPECT_LE(seconds_of(p), b.cost * (1 + 1e-12));
+      EXPECT_LE(lb, b.cost * (1 + 1e-12)) << "the bound must not exceed the optimum";
+      EXPECT_GE(lb, 0.0);
     }
   }
 }
@@ -257,7 +261,7 @@ TEST(BrokenSchedule, MissingReadyEventIsCaught) {
     so.verify_recompute = verify;
     Hyper h;
     h.total_steps = 2;
-    Trainer tr(c, B, T, 1, h, parse_plan(broken ? "full" : "none", 3), so, test::init(c, 3));
+    Trainer tr(c, B, T, 1, h, parse_plan(broken ? "full" : "none", tiny_config(3)), so, test::init(c, 3));
     tr.step(data);
     return tr.grads();
   };

@@ -17,7 +17,7 @@
 #include <vector>
 
 #include "kernels/cuda_common.cuh"
-#include "profiling/trace_sink.h"
+#include "runtime/trace_sink.h"
 #include "runtime/cuda/cupti_trace.h"
 
 namespace remat {

@@ -21,7 +21,7 @@
 //     REMAT_CUPTI=0): each launch is bracketed by two timing events, one record per op,
 //     anchored to the host clock by an event synchronized when the sink was attached.
 //   Which of the two is used is said once per process on stderr.
-//   An ItemTraceSink (profiling/trace_sink.h) gets TraceRecords instead: each op's record(s)
+//   An ItemTraceSink (runtime/trace_sink.h) gets TraceRecords instead: each op's record(s)
 //   with seq = its 1-based position in this stream's launch order (every launch() and every
 //   wait on another CUDA stream's event counts, traced or not; all kernel records of one op
 //   share it) and launch_ns = the host clock in launch(); and each wait on another CUDA

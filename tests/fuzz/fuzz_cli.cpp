@@ -117,16 +117,27 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
 
   // The recompute policy for a few block counts.
   const std::string spec = o.get("recompute");
-  for (int L : {1, 2, 12, 48}) {
+  static const std::vector<remat::PlanSchema> schemas = [] {
+    std::vector<remat::PlanSchema> out;
+    for (int L : {1, 2, 12, 48}) {
+      remat::GPT2Config g = remat::preset_config("tiny");
+      g.num_layers = L;
+      out.push_back(remat::gpt2_plan_schema(g));
+    }
+    return out;
+  }();
+  for (const remat::PlanSchema& schema : schemas) {
+    const int L = schema.num_blocks;
     expect_error_or_ok([&] {
       uint64_t bytes = 0;
       if (remat::parse_budget(spec, &bytes)) {
         FUZZ_ASSERT(!remat::format_bytes(bytes).empty());
         return;
       }
-      const remat::Plan p = remat::parse_plan(spec, L);
+      const remat::Plan p = remat::parse_plan(spec, schema);
       FUZZ_ASSERT(static_cast<int>(p.recompute.size()) == L);
-      FUZZ_ASSERT(p.num_recomputed() >= 0 && p.num_recomputed() <= L * remat::kNumActKinds);
+      FUZZ_ASSERT(p.num_recomputed() >= 0 &&
+                  p.num_recomputed() <= L * static_cast<int>(schema.slots.size()));
     });
   }
   // Every positional argument, and --out (any string), as a byte count.

@@ -56,7 +56,7 @@ TrainRun train(Backend* be, const std::string& shard, const std::string& policy,
   h.total_steps = steps;
   ScheduleOptions so;
   so.verify_recompute = verify;
-  Trainer tr(c, B, T, 1, h, parse_plan(policy, c.num_layers), so, test::init(c, 3), be);
+  Trainer tr(c, B, T, 1, h, parse_plan(policy, c), so, test::init(c, 3), be);
   TrainRun r;
   for (int s = 0; s < steps; s++) {
     const StepResult sr = tr.step(data);
@@ -161,7 +161,7 @@ TEST_F(GpuTrain, DryRunPredictsTheMeasuredPeak) {
   const GPT2Config c = gpu_config();
   const int B = 3, T = 37;
   for (const char* p : {"none", "selective", "full"}) {
-    const Plan plan = parse_plan(p, c.num_layers);
+    const Plan plan = parse_plan(p, c);
     GPT2Runner dry(c, B, T, plan, ActDType::kBF16, {}, /*dry=*/true);
     dry.forward_backward(nullptr, nullptr, nullptr, nullptr, 1.0f);
     GPT2Runner real(c, B, T, plan, ActDType::kBF16, {}, /*dry=*/false, be.get());

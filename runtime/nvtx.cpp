@@ -1,6 +1,6 @@
-// NVTX3 calls behind profiling/nvtx.h. This is the only file that includes the NVTX3 headers,
+// NVTX3 calls behind runtime/nvtx.h. This is the only file that includes the NVTX3 headers,
 // so the library's global state has one definition site.
-#include "profiling/nvtx.h"
+#include "runtime/nvtx.h"
 
 #ifdef REMAT_HAVE_NVTX3
 #include <nvtx3/nvToolsExt.h>
