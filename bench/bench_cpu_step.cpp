@@ -15,8 +15,8 @@
 #include <string>
 
 #include "kernels/gemm.h"
-#include "models/params.h"
-#include "models/shards.h"
+#include "io/params.h"
+#include "io/shards.h"
 #include "models/trainer.h"
 
 using namespace remat;

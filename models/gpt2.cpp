@@ -1,7 +1,7 @@
 #include "models/gpt2.h"
 
-#include "kernels/common.h"
-#include "models/params.h"
+#include "base/error.h"
+#include "io/params.h"
 
 namespace remat {
 

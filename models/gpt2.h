@@ -7,7 +7,7 @@
 #include <memory>
 #include <string>
 
-#include "models/config.h"
+#include "io/config.h"
 #include "runtime/executor.h"
 #include "runtime/plan.h"
 #include "runtime/program.h"

@@ -5,8 +5,9 @@
 
 #include "kernels/adamw.h"
 #include "kernels/common.h"
+#include "base/rng.h"
 #include "kernels/gradnorm.h"
-#include "models/params.h"
+#include "io/params.h"
 #include "runtime/nvtx.h"
 
 namespace remat {
@@ -198,6 +199,45 @@ void Trainer::restore(const TrainState& s) {
               "the training state's model shape differs from this run's model");
   load_weights_and_moments(s);
   step_ = s.step;
+}
+
+std::vector<int> sample_tokens(const GPT2Config& c, const float* params,
+                               const std::vector<int>& prompt, int n, float temperature,
+                               uint64_t seed, uint64_t stream) {
+  REMAT_CHECK(!prompt.empty(), "sampling needs at least one prompt token");
+  const int T = std::min<int>(c.max_seq_len, static_cast<int>(prompt.size()) + n);
+  GPT2Runner runner(c, 1, T, parse_plan("none", c), ActDType::kFP32, {}, false);
+  std::vector<int> seq = prompt, window(T), out;
+  std::vector<float> logits(c.padded_vocab);
+  Philox rng(seed, stream);
+  for (int i = 0; i < n; i++) {
+    const int len = std::min<int>(T, static_cast<int>(seq.size()));
+    std::fill(window.begin(), window.end(), 0);
+    std::copy(seq.end() - len, seq.end(), window.begin());
+    runner.forward_logits(params, window.data(), len - 1, logits.data());
+    int next = 0;
+    if (temperature <= 0) {
+      for (int v = 1; v < c.vocab_size; v++)
+        if (logits[v] > logits[next]) next = v;
+    } else {
+      float mx = -INFINITY;
+      for (int v = 0; v < c.vocab_size; v++) mx = std::max(mx, logits[v]);
+      double sum = 0;
+      for (int v = 0; v < c.vocab_size; v++) sum += std::exp((logits[v] - mx) / temperature);
+      double u = rng.uniform() * sum, acc = 0;
+      next = c.vocab_size - 1;
+      for (int v = 0; v < c.vocab_size; v++) {
+        acc += std::exp((logits[v] - mx) / temperature);
+        if (acc > u) {
+          next = v;
+          break;
+        }
+      }
+    }
+    seq.push_back(next);
+    out.push_back(next);
+  }
+  return out;
 }
 
 }  // namespace remat

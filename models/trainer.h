@@ -6,10 +6,10 @@
 #include <string>
 #include <vector>
 
-#include "models/config.h"
+#include "io/config.h"
 #include "models/gpt2.h"
-#include "models/shards.h"
-#include "models/train_state.h"
+#include "io/shards.h"
+#include "io/train_state.h"
 
 namespace remat {
 
@@ -91,12 +91,6 @@ class Trainer {
   int64_t step_ = 0;
   int64_t nan_first_ = -1, nan_last_ = -2;
 };
-
-// `remat train`, `remat prepare`, `remat sample`, `remat plan`: argv after the subcommand.
-int cmd_train(int argc, const char* const* argv);
-int cmd_prepare(int argc, const char* const* argv);
-int cmd_sample(int argc, const char* const* argv);
-int cmd_plan(int argc, const char* const* argv);
 
 // Generates `n` tokens after `prompt` (at least one token) by sampling at `temperature`
 // (0 = greedy) with a counter-based generator at (seed, stream). Context: the last

@@ -1,5 +1,5 @@
 // A compute backend: where weights, gradients, optimizer state and activations live, which
-// streams run the work, and which kernels do the math. The model (models/gpt2.cpp) and the
+// streams run the work, and which kernels do the math. The executor (runtime/executor.h) and the
 // trainer speak only to this interface, so the CPU reference and the CUDA backend run the
 // same schedule, the same arena and the same recompute plan.
 //

@@ -9,6 +9,7 @@
 #include <string>
 #include <vector>
 
+#include "base/bytes.h"
 #include "runtime/program.h"
 
 namespace remat {
@@ -53,8 +54,6 @@ Plan parse_plan(const std::string& spec, const PlanSchema& schema);
 // True when spec starts with "budget:"; *bytes gets the parsed size (accepts K, M, G, KiB,
 // MiB, GiB, KB, MB, GB suffixes).
 bool parse_budget(const std::string& spec, uint64_t* bytes);
-uint64_t parse_bytes(const std::string& text);
-std::string format_bytes(uint64_t bytes);
 
 // The least-cost plan whose peak (as measured by `peak_of`, normally a dry run of the real
 // schedule) fits in `budget` bytes; `seconds_of` is a plan's exact modelled recompute time.

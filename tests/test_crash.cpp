@@ -27,10 +27,10 @@
 #include <vector>
 
 #include "kernels/common.h"
-#include "models/atomic_file.h"
-#include "models/llmc_model.h"
-#include "models/shards.h"
-#include "models/train_state.h"
+#include "io/atomic_file.h"
+#include "io/llmc_model.h"
+#include "io/shards.h"
+#include "io/train_state.h"
 
 namespace fs = std::filesystem;
 

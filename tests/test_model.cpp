@@ -7,8 +7,8 @@
 #include <memory>
 
 #include "models/gpt2.h"
-#include "models/params.h"
-#include "models/train_state.h"
+#include "io/params.h"
+#include "io/train_state.h"
 #include "models/trainer.h"
 #include "tests/tiny_model.h"
 

@@ -23,7 +23,7 @@
 
 #include "kernels/common.h"
 #include "models/gpt2.h"
-#include "models/rng.h"
+#include "base/rng.h"
 #include "profiling/overlap.h"
 #include "profiling/tracer.h"
 #include "runtime/plan.h"

@@ -7,10 +7,10 @@
 #include <string>
 #include <vector>
 
-#include "models/config.h"
-#include "models/params.h"
-#include "models/rng.h"
-#include "models/shards.h"
+#include "io/config.h"
+#include "io/params.h"
+#include "base/rng.h"
+#include "io/shards.h"
 
 namespace remat::test {
 

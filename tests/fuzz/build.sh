@@ -25,8 +25,8 @@ if [ -z "$cxx" ]; then
 fi
 
 # The readers of outside bytes and what they use; nothing that trains.
-sources=(models/llmc_model.cpp models/shards.cpp models/tokenizer.cpp models/train_state.cpp
-         models/atomic_file.cpp models/cli.cpp models/config.cpp models/params.cpp
+sources=(io/llmc_model.cpp io/shards.cpp io/tokenizer.cpp io/train_state.cpp
+         io/atomic_file.cpp app/cli.cpp io/config.cpp io/params.cpp base/bytes.cpp
          runtime/plan.cpp)
 targets=()
 for f in "$root"/tests/fuzz/fuzz_*.cpp; do targets+=("$(basename "$f" .cpp)"); done

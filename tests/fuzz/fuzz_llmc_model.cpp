@@ -12,8 +12,8 @@
 #include <cstring>
 
 #include "kernels/common.h"
-#include "models/llmc_model.h"
-#include "models/params.h"
+#include "io/llmc_model.h"
+#include "io/params.h"
 #include "tests/fuzz/fuzz_util.h"
 
 using remat_fuzz::MemFile;

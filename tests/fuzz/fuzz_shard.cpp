@@ -12,7 +12,7 @@
 #include <vector>
 
 #include "kernels/common.h"
-#include "models/shards.h"
+#include "io/shards.h"
 #include "tests/fuzz/fuzz_util.h"
 
 using remat_fuzz::byte_at;

@@ -1,4 +1,4 @@
-// libFuzzer target: the tokenizer file (models/tokenizer.h), llm.c's layout plus remat's
+// libFuzzer target: the tokenizer file (io/tokenizer.h), llm.c's layout plus remat's
 // merges section.
 //
 // Input: the tokenizer file's bytes.
@@ -12,7 +12,7 @@
 #include <string>
 
 #include "kernels/common.h"
-#include "models/tokenizer.h"
+#include "io/tokenizer.h"
 #include "tests/fuzz/fuzz_util.h"
 
 using remat_fuzz::MemFile;

@@ -1,4 +1,4 @@
-// libFuzzer target: remat's training state file (models/train_state.h).
+// libFuzzer target: remat's training state file (io/train_state.h).
 //
 // Input: the state file's bytes.
 // Contract checked: load_train_state either succeeds or throws remat::Error; lengths, counts
@@ -11,9 +11,9 @@
 #include <cstring>
 
 #include "kernels/common.h"
-#include "models/atomic_file.h"
-#include "models/params.h"
-#include "models/train_state.h"
+#include "io/atomic_file.h"
+#include "io/params.h"
+#include "io/train_state.h"
 #include "tests/fuzz/fuzz_util.h"
 
 using remat_fuzz::MemFile;

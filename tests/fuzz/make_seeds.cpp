@@ -11,13 +11,13 @@
 #include <vector>
 
 #include "kernels/common.h"
-#include "models/atomic_file.h"
-#include "models/config.h"
-#include "models/llmc_model.h"
-#include "models/params.h"
-#include "models/shards.h"
-#include "models/tokenizer.h"
-#include "models/train_state.h"
+#include "io/atomic_file.h"
+#include "io/config.h"
+#include "io/llmc_model.h"
+#include "io/params.h"
+#include "io/shards.h"
+#include "io/tokenizer.h"
+#include "io/train_state.h"
 
 namespace {
 

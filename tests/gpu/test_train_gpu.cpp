@@ -18,8 +18,8 @@
 #include <vector>
 
 #include "models/gpt2.h"
-#include "models/params.h"
-#include "models/shards.h"
+#include "io/params.h"
+#include "io/shards.h"
 #include "models/trainer.h"
 #include "runtime/cuda/cuda_backend.h"
 #include "tests/gpu/require_gpu.h"

@@ -49,7 +49,7 @@ class Tokenizer {
   // Merges in rank order (token 256 + i is merges()[i]).
   const std::vector<std::pair<int, int>>& merges() const { return merges_; }
 
-  // Writes the file atomically (models/atomic_file.h).
+  // Writes the file atomically (io/atomic_file.h).
   void save(const std::string& path) const;
   // Error naming the path for: a missing file, a wrong magic or version, a truncated or
   // zero-length entry (naming the token index), or a malformed merges section.

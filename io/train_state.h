@@ -10,8 +10,8 @@
 #include <string>
 #include <vector>
 
-#include "models/config.h"
-#include "models/shards.h"
+#include "io/config.h"
+#include "io/shards.h"
 
 namespace remat {
 
@@ -29,7 +29,7 @@ struct TrainState {
   std::string extra_json;  // free text owned by the trainer (e.g. hyperparameters)
 };
 
-// Writes atomically (models/atomic_file.h). Refuses with an Error -- writing nothing -- if the
+// Writes atomically (io/atomic_file.h). Refuses with an Error -- writing nothing -- if the
 // config is invalid, the array lengths disagree with it, or any params, m or v entry is not
 // finite (the message names the array, the element index and its parameter tensor).
 void save_train_state(const std::string& path, const TrainState& s);

@@ -5,7 +5,7 @@
 #include <cstddef>
 #include <vector>
 
-#include "models/config.h"
+#include "io/config.h"
 
 namespace remat {
 

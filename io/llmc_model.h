@@ -2,14 +2,14 @@
 //
 // Layout (little endian): a header of 256 int32 -- [0] 20240326 magic, [1] version (3: fp32
 // parameters, 5: bf16 parameters), [2] maxT, [3] V, [4] L, [5] NH, [6] C, [7] Vp, the rest
-// zero -- then every parameter in the order of models/params.h, as fp32 (v3) or bf16 (v5:
+// zero -- then every parameter in the order of io/params.h, as fp32 (v3) or bf16 (v5:
 // the upper 16 bits of the fp32 value).
 #pragma once
 #include <cstdint>
 #include <string>
 #include <vector>
 
-#include "models/config.h"
+#include "io/config.h"
 
 namespace remat {
 
@@ -27,7 +27,7 @@ struct ModelFile {
 // than 1024 + num_params * element size.
 ModelFile read_llmc_model(const std::string& path);
 
-// Writes atomically (models/atomic_file.h). version 3 stores fp32 exactly; version 5 rounds
+// Writes atomically (io/atomic_file.h). version 3 stores fp32 exactly; version 5 rounds
 // each parameter to the nearest bf16, ties to even (NaN stays NaN). params holds
 // num_params(c) floats.
 void write_llmc_model(const std::string& path, const GPT2Config& c, const float* params,

@@ -1,13 +1,13 @@
-#include "models/train_state.h"
+#include "io/train_state.h"
 
 #include <algorithm>
 #include <cmath>
 #include <cstring>
 
-#include "kernels/common.h"
-#include "models/atomic_file.h"
-#include "models/llmc_model.h"
-#include "models/params.h"
+#include "base/error.h"
+#include "io/atomic_file.h"
+#include "io/llmc_model.h"
+#include "io/params.h"
 
 namespace remat {
 namespace {

@@ -1,11 +1,11 @@
-#include "models/cli.h"
+#include "app/cli.h"
 
 #include <cerrno>
 #include <climits>
 #include <cmath>
 #include <cstdlib>
 
-#include "kernels/common.h"
+#include "base/error.h"
 
 namespace remat {
 

@@ -1,8 +1,8 @@
-#include "models/config.h"
+#include "io/config.h"
 
 #include <climits>
 
-#include "kernels/common.h"
+#include "base/error.h"
 
 namespace remat {
 namespace {

@@ -1,8 +1,8 @@
-#include "models/params.h"
+#include "io/params.h"
 
 #include <cmath>
 
-#include "models/rng.h"
+#include "base/rng.h"
 
 namespace remat {
 

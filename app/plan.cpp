@@ -3,11 +3,12 @@
 #include <chrono>
 #include <cstdio>
 
-#include "kernels/common.h"
-#include "models/cli.h"
+#include "base/error.h"
+#include "app/cli.h"
+#include "app/commands.h"
 #include "models/gpt2.h"
-#include "models/llmc_model.h"
-#include "models/params.h"
+#include "io/llmc_model.h"
+#include "io/params.h"
 #include "models/trainer.h"
 
 namespace remat {

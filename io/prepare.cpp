@@ -1,14 +1,14 @@
-#include "models/prepare.h"
+#include "io/prepare.h"
 
 #include <algorithm>
 #include <cstdio>
 #include <filesystem>
 #include <system_error>
 
-#include "kernels/common.h"
-#include "models/atomic_file.h"
-#include "models/shards.h"
-#include "models/tokenizer.h"
+#include "base/error.h"
+#include "io/atomic_file.h"
+#include "io/shards.h"
+#include "io/tokenizer.h"
 
 namespace remat {
 namespace {

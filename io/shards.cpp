@@ -1,13 +1,13 @@
-#include "models/shards.h"
+#include "io/shards.h"
 
 #include <glob.h>
 
 #include <algorithm>
 #include <climits>
 
-#include "kernels/common.h"
-#include "models/atomic_file.h"
-#include "models/rng.h"
+#include "base/error.h"
+#include "io/atomic_file.h"
+#include "base/rng.h"
 
 namespace remat {
 namespace {

@@ -1,4 +1,4 @@
-// The remat subcommands train, prepare and sample.
+// `remat train`.
 #include <glob.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -13,13 +13,14 @@
 #include <cstring>
 
 #include "kernels/classifier.h"
-#include "kernels/common.h"
-#include "models/cli.h"
-#include "models/llmc_model.h"
-#include "models/params.h"
-#include "models/prepare.h"
-#include "models/rng.h"
-#include "models/tokenizer.h"
+#include "base/error.h"
+#include "app/cli.h"
+#include "app/commands.h"
+#include "io/llmc_model.h"
+#include "io/params.h"
+#include "io/prepare.h"
+#include "base/rng.h"
+#include "io/tokenizer.h"
 #include "models/trainer.h"
 #include "profiling/overlap.h"
 #include "profiling/tracer.h"
@@ -28,12 +29,6 @@
 namespace remat {
 namespace {
 
-constexpr const char* kDefaultDataDir = "data/fortunes";
-
-bool file_exists(const std::string& p) {
-  struct stat st;
-  return ::stat(p.c_str(), &st) == 0;
-}
 
 std::string dir_of(const std::string& path) {
   size_t slash = path.rfind('/');
@@ -148,45 +143,6 @@ std::string json_num(double x) {
 }
 
 }  // namespace
-
-std::vector<int> sample_tokens(const GPT2Config& c, const float* params,
-                               const std::vector<int>& prompt, int n, float temperature,
-                               uint64_t seed, uint64_t stream) {
-  REMAT_CHECK(!prompt.empty(), "sampling needs at least one prompt token");
-  const int T = std::min<int>(c.max_seq_len, static_cast<int>(prompt.size()) + n);
-  GPT2Runner runner(c, 1, T, parse_plan("none", c), ActDType::kFP32, {}, false);
-  std::vector<int> seq = prompt, window(T), out;
-  std::vector<float> logits(c.padded_vocab);
-  Philox rng(seed, stream);
-  for (int i = 0; i < n; i++) {
-    const int len = std::min<int>(T, static_cast<int>(seq.size()));
-    std::fill(window.begin(), window.end(), 0);
-    std::copy(seq.end() - len, seq.end(), window.begin());
-    runner.forward_logits(params, window.data(), len - 1, logits.data());
-    int next = 0;
-    if (temperature <= 0) {
-      for (int v = 1; v < c.vocab_size; v++)
-        if (logits[v] > logits[next]) next = v;
-    } else {
-      float mx = -INFINITY;
-      for (int v = 0; v < c.vocab_size; v++) mx = std::max(mx, logits[v]);
-      double sum = 0;
-      for (int v = 0; v < c.vocab_size; v++) sum += std::exp((logits[v] - mx) / temperature);
-      double u = rng.uniform() * sum, acc = 0;
-      next = c.vocab_size - 1;
-      for (int v = 0; v < c.vocab_size; v++) {
-        acc += std::exp((logits[v] - mx) / temperature);
-        if (acc > u) {
-          next = v;
-          break;
-        }
-      }
-    }
-    seq.push_back(next);
-    out.push_back(next);
-  }
-  return out;
-}
 
 int cmd_train(int argc, const char* const* argv) {
   Options o("train",
@@ -536,69 +492,6 @@ int cmd_train(int argc, const char* const* argv) {
   }
   if (log) std::fclose(log);
   return exit_code;
-}
-
-int cmd_prepare(int argc, const char* const* argv) {
-  Options o("prepare",
-            "Turn text files (or directories of them) into llm.c token shards and a tokenizer.\n"
-            "usage: remat prepare [options] [INPUT...]   (default input: " +
-                std::string(kDefaultCorpusDir) + ")");
-  o.add("out", kDefaultDataDir, "output directory")
-      .add("vocab", "512", "vocabulary size")
-      .add("val-fraction", "0.05", "share of documents kept for validation");
-  if (!o.parse(argc, argv, 0)) {
-    std::printf("%s", o.help().c_str());
-    return 0;
-  }
-  std::vector<std::string> inputs = o.positional();
-  if (inputs.empty()) inputs.push_back(kDefaultCorpusDir);
-  auto t0 = std::chrono::steady_clock::now();
-  PrepareResult r =
-      prepare_corpus(inputs, o.get("out"), o.get_count("vocab"), o.get_double("val-fraction"));
-  double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-  std::printf(
-      "prepared %lld documents: %lld train tokens (%s), %lld val tokens (%s), "
-      "tokenizer %s (vocab %d) in %.1f s\n",
-      (long long)r.documents, (long long)r.train_tokens, r.train_pattern.c_str(),
-      (long long)r.val_tokens, r.val_pattern.c_str(), r.tokenizer_path.c_str(), r.vocab_size, s);
-  return 0;
-}
-
-int cmd_sample(int argc, const char* const* argv) {
-  Options o("sample", "Generate text from a model checkpoint.");
-  o.add("model", "out/model.bin", "llm.c checkpoint file (remat writes out/model.bin)")
-      .add("tokenizer", "", "tokenizer file (default: data/fortunes/tokenizer.bin if present)")
-      .add("prompt", "", "text to continue (default: start of a document)")
-      .add("tokens", "64", "tokens to generate")
-      .add("temperature", "1.0", "sampling temperature; 0 = greedy")
-      .add("seed", "1337", "random seed");
-  if (!o.parse(argc, argv, 0)) {
-    std::printf("%s", o.help().c_str());
-    return 0;
-  }
-  ModelFile mf = read_llmc_model(o.get("model"));
-  std::string tp = o.get("tokenizer");
-  if (tp.empty() && file_exists(std::string(kDefaultDataDir) + "/tokenizer.bin"))
-    tp = std::string(kDefaultDataDir) + "/tokenizer.bin";
-  std::unique_ptr<Tokenizer> tok;
-  if (!tp.empty()) tok = std::make_unique<Tokenizer>(Tokenizer::load(tp));
-  std::vector<int> prompt;
-  const std::string text = o.get("prompt");
-  if (!text.empty()) {
-    REMAT_CHECK(tok && tok->can_encode(), "--prompt needs a tokenizer with merges (--tokenizer)");
-    prompt = tok->encode(text);
-  }
-  if (prompt.empty()) prompt.push_back(tok && tok->eot_token() >= 0 ? tok->eot_token() : 0);
-  for (int t : prompt)
-    REMAT_CHECK(t >= 0 && t < mf.config.vocab_size,
-                "prompt token " + std::to_string(t) + " is past the model's vocabulary");
-  std::vector<int> gen = sample_tokens(mf.config, mf.params.data(), prompt, o.get_count("tokens"),
-                                       static_cast<float>(o.get_double("temperature")),
-                                       static_cast<uint64_t>(o.get_int("seed")), 0);
-  std::string outtext = text;
-  for (int t : gen) outtext += tok ? tok->decode(t) : std::to_string(t) + " ";
-  std::printf("%s\n", outtext.c_str());
-  return 0;
 }
 
 }  // namespace remat

@@ -13,7 +13,7 @@ namespace remat {
 constexpr int32_t kShardMagic = 20240520;
 constexpr int kShardHeaderInts = 256;
 
-// Writes a shard atomically (models/atomic_file.h). n must fit the header's int32.
+// Writes a shard atomically (io/atomic_file.h). n must fit the header's int32.
 void write_shard(const std::string& path, const uint16_t* tokens, size_t n);
 
 // Reads a whole shard, validating magic, version and header count against the file size.

@@ -1,4 +1,4 @@
-#include "models/atomic_file.h"
+#include "io/atomic_file.h"
 
 #include <fcntl.h>
 #include <sys/stat.h>
@@ -7,7 +7,7 @@
 #include <cerrno>
 #include <cstring>
 
-#include "kernels/common.h"
+#include "base/error.h"
 
 namespace remat {
 namespace {

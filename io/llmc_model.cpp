@@ -1,11 +1,11 @@
-#include "models/llmc_model.h"
+#include "io/llmc_model.h"
 
 #include <algorithm>
 #include <cstring>
 
-#include "kernels/common.h"
-#include "models/atomic_file.h"
-#include "models/params.h"
+#include "base/error.h"
+#include "io/atomic_file.h"
+#include "io/params.h"
 
 namespace remat {
 namespace {

@@ -1,12 +1,12 @@
-#include "models/tokenizer.h"
+#include "io/tokenizer.h"
 
 #include <algorithm>
 #include <climits>
 #include <mutex>
 #include <queue>
 
-#include "kernels/common.h"
-#include "models/atomic_file.h"
+#include "base/error.h"
+#include "io/atomic_file.h"
 
 namespace remat {
 namespace {

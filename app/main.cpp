@@ -3,8 +3,8 @@
 #include <cstring>
 #include <string>
 
-#include "kernels/common.h"
-#include "models/trainer.h"
+#include "base/error.h"
+#include "app/commands.h"
 #ifdef REMAT_WITH_CUDA
 #include "runtime/cuda/cuda_backend.h"
 #endif

@@ -1,0 +1,23 @@
+// The remat subcommands: one file each (app/train.cpp, prepare.cpp, sample.cpp, plan.cpp).
+#pragma once
+#include <sys/stat.h>
+
+#include <string>
+
+namespace remat {
+
+// argv after the subcommand.
+int cmd_train(int argc, const char* const* argv);
+int cmd_prepare(int argc, const char* const* argv);
+int cmd_sample(int argc, const char* const* argv);
+int cmd_plan(int argc, const char* const* argv);
+
+// Where `remat prepare` (and `remat train` without --data) put the default corpus.
+inline constexpr const char* kDefaultDataDir = "data/fortunes";
+
+inline bool file_exists(const std::string& p) {
+  struct stat st;
+  return ::stat(p.c_str(), &st) == 0;
+}
+
+}  // namespace remat
