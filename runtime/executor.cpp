@@ -1,6 +1,7 @@
 #include "runtime/executor.h"
 
 #include <algorithm>
+#include <array>
 #include <chrono>
 #include <cstring>
 #include <limits>
@@ -161,6 +162,9 @@ std::vector<SlotCost> slot_costs(const Program& p, int es, const CostModel& m) {
   }
   return out;
 }
+
+// Outputs of one op at most (a residual LayerNorm has two).
+constexpr size_t kMaxOutputs = 4;
 
 struct Executor::Impl {
   std::shared_ptr<const Program> prog;
@@ -369,8 +373,8 @@ struct Executor::Impl {
 
   // ---- forward kernels (forward pass and replay) ----
   // out[k]: the blocks the op's outputs go to (a scratch block for an unneeded output).
-  void run_forward(const OpDesc& op, Stream* s, const char* label,
-                   const std::vector<Block*>& out, bool norm_only) {
+  void run_forward(const OpDesc& op, Stream* s, const char* label, Block* const* out,
+                   bool norm_only) {
     const int N = op.N, C = op.C;
     auto in = [&](int k) -> const void* { return blk[op.in[k]].ptr; };
     switch (op.kind) {
@@ -431,12 +435,12 @@ struct Executor::Impl {
         if (train) continue;  // runs fused with its backward at the start of the backward pass
         run_eval_loss(op, mode, pos, logits_out);
       } else {
-        std::vector<Block*> out;
-        for (TensorId o : op.out) {
-          blk[o] = alloc_act(o, s, Phase::kForward);
-          out.push_back(&blk[o]);
+        std::array<Block*, kMaxOutputs> out{};
+        for (size_t k = 0; k < op.out.size(); k++) {
+          blk[op.out[k]] = alloc_act(op.out[k], s, Phase::kForward);
+          out[k] = &blk[op.out[k]];
         }
-        run_forward(op, s, fwd_label[i], out, false);
+        run_forward(op, s, fwd_label[i], out.data(), false);
       }
       for (TensorId t : op.in)
         if (last[t] == static_cast<int>(i) && !(train && keep[t]) && blk[t].valid())
@@ -477,8 +481,8 @@ struct Executor::Impl {
     }
     for (const ReplayStep& st : replay[l]) {
       const OpDesc& op = P.ops[st.op];
-      std::vector<Block> scratch(op.out.size());
-      std::vector<Block*> out(op.out.size(), nullptr);
+      std::array<Block, kMaxOutputs> scratch{};
+      std::array<Block*, kMaxOutputs> out{};
       for (size_t k = 0; k < op.out.size(); k++) {
         const TensorId o = op.out[k];
         switch (st.roles[k]) {
@@ -496,7 +500,7 @@ struct Executor::Impl {
             break;
         }
       }
-      run_forward(op, s, rc_label[st.op], out, st.norm_only);
+      run_forward(op, s, rc_label[st.op], out.data(), st.norm_only);
       for (TensorId t : st.free_after) free_act(t, s);
       for (Block& b : scratch)
         if (b.valid()) arena->free(b, s);

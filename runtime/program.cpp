@@ -279,6 +279,7 @@ Program ProgramBuilder::finish() {
     REMAT_CHECK(p.ops[i].kind != OpKind::kClassifier, "program: one loss op, the last");
   for (size_t i = 0; i < p.ops.size(); i++) {
     const OpDesc& op = p.ops[i];
+    REMAT_CHECK(op.out.size() <= 4, "program: an op has at most 4 outputs");
     for (size_t k = 0; k < op.in.size(); k++) {
       TensorDesc& t = p.tensors[op.in[k]];
       t.consumers.push_back(static_cast<int>(i));
