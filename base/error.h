@@ -19,4 +19,11 @@ struct Error : std::runtime_error {
                            ": " + (msg));                                              \
   } while (0)
 
+// What a user supplies (an option, a file, a value): the message names it, with no source
+// location.
+#define REMAT_REQUIRE(cond, msg)                 \
+  do {                                           \
+    if (!(cond)) throw ::remat::Error(msg);      \
+  } while (0)
+
 }  // namespace remat

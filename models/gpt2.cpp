@@ -6,7 +6,7 @@
 namespace remat {
 
 std::shared_ptr<const Program> gpt2_program(const GPT2Config& c, int B, int T) {
-  REMAT_CHECK(T <= c.max_seq_len, "sequence length " + std::to_string(T) +
+  REMAT_REQUIRE(T <= c.max_seq_len, "sequence length " + std::to_string(T) +
                                       " exceeds the model's maximum " +
                                       std::to_string(c.max_seq_len));
   const int L = c.num_layers, C = c.channels;

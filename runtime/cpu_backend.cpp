@@ -344,9 +344,9 @@ int cuda_device_count() {
 }
 
 BackendChoice choose_backend(const std::string& device, const std::string& dtype) {
-  REMAT_CHECK(device == "auto" || device == "cpu" || device == "cuda",
+  REMAT_REQUIRE(device == "auto" || device == "cpu" || device == "cuda",
               "--device must be auto, cpu or cuda, got '" + device + "'");
-  REMAT_CHECK(dtype == "auto" || dtype == "fp32" || dtype == "bf16",
+  REMAT_REQUIRE(dtype == "auto" || dtype == "fp32" || dtype == "bf16",
               "--dtype must be auto, fp32 or bf16, got '" + dtype + "'");
   BackendChoice r;
   bool cuda = device == "cuda";
@@ -361,15 +361,15 @@ BackendChoice choose_backend(const std::string& device, const std::string& dtype
     }
   }
   if (!cuda) {
-    REMAT_CHECK(dtype != "bf16",
+    REMAT_REQUIRE(dtype != "bf16",
                 "--dtype bf16 needs the CUDA backend; the CPU backend computes in fp32");
     r.backend = cpu_backend();
     return r;
   }
-  REMAT_CHECK(cuda_backend_built(),
+  REMAT_REQUIRE(cuda_backend_built(),
               "--device cuda: this remat was built without CUDA (no nvcc at configure time); "
               "rebuild with the CUDA toolkit or use --device cpu");
-  REMAT_CHECK(cuda_device_count() > 0,
+  REMAT_REQUIRE(cuda_device_count() > 0,
               "--device cuda: no CUDA device found (driver or GPU missing); use --device cpu");
   CudaBackendHooks h;
   {

@@ -223,7 +223,7 @@ struct Executor::Impl {
                 "plan has " + std::to_string(plan.recompute.size()) + " blocks, model has " +
                     std::to_string(L));
     REMAT_CHECK(plan.slots == P.slots, "the plan was made for another program");
-    REMAT_CHECK(opt.lookahead >= 0, "--lookahead must be >= 0");
+    REMAT_REQUIRE(opt.lookahead >= 0, "--lookahead must be >= 0");
     REMAT_CHECK(dry || dtype == be->dtype(), std::string("the ") + be->name() +
                                                  " backend computes in " + dtype_name(be->dtype()) +
                                                  ", not " + dtype_name(dtype));

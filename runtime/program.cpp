@@ -112,7 +112,7 @@ size_t Program::tensor_bytes(TensorId t, int es) const {
 }
 
 ProgramBuilder::ProgramBuilder(int B, int T) {
-  REMAT_CHECK(B > 0 && T > 0, "batch and sequence length must be positive");
+  REMAT_REQUIRE(B > 0 && T > 0, "batch and sequence length must be positive");
   p_.B = B;
   p_.T = T;
 }
