@@ -183,7 +183,7 @@ TensorId ProgramBuilder::embedding(ParamId wte, ParamId wpe, int C, const std::s
 }
 
 TensorId ProgramBuilder::layernorm(TensorId x, ParamId w, ParamId b, const std::string& name) {
-  const TensorDesc& in = p_.tensors.at(x);
+  const TensorDesc in = p_.tensors.at(x);  // a copy: add_tensor may move the vector
   OpDesc op;
   op.kind = OpKind::kLayerNorm;
   op.name = name;
@@ -218,7 +218,7 @@ std::pair<TensorId, TensorId> ProgramBuilder::residual_layernorm(TensorId x, Ten
 
 TensorId ProgramBuilder::matmul(TensorId x, ParamId w, ParamId bias, int OC,
                                 const std::string& name) {
-  const TensorDesc& in = p_.tensors.at(x);
+  const TensorDesc in = p_.tensors.at(x);  // a copy: add_tensor may move the vector
   OpDesc op;
   op.kind = OpKind::kMatmul;
   op.name = name;
@@ -232,7 +232,7 @@ TensorId ProgramBuilder::matmul(TensorId x, ParamId w, ParamId bias, int OC,
 }
 
 TensorId ProgramBuilder::gelu(TensorId x, const std::string& name) {
-  const TensorDesc& in = p_.tensors.at(x);
+  const TensorDesc in = p_.tensors.at(x);  // a copy: add_tensor may move the vector
   OpDesc op;
   op.kind = OpKind::kGelu;
   op.name = name;
@@ -244,7 +244,7 @@ TensorId ProgramBuilder::gelu(TensorId x, const std::string& name) {
 }
 
 TensorId ProgramBuilder::attention(TensorId qkv, int NH, const std::string& name) {
-  const TensorDesc& in = p_.tensors.at(qkv);
+  const TensorDesc in = p_.tensors.at(qkv);  // a copy: add_tensor may move the vector
   REMAT_CHECK(in.cols % 3 == 0 && NH > 0 && (in.cols / 3) % NH == 0,
               "program: attention '" + name + "' needs packed q, k, v split over the heads");
   const size_t C = in.cols / 3;
