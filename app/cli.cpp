@@ -39,15 +39,15 @@ bool Options::parse(int argc, const char* const* argv, int first) {
     }
     auto it = opts_.find(name);
     if (it == opts_.end())
-      throw Error("remat " + command_ + ": unknown option --" + name + " (see remat " + command_ +
+      throw Error("unknown option --" + name + " (see remat " + command_ +
                   " --help)");
     if (it->second.is_flag) {
-      if (has_value) throw Error("remat " + command_ + ": --" + name + " takes no value");
+      if (has_value) throw Error("--" + name + " takes no value");
       values_[name] = "1";
       continue;
     }
     if (!has_value) {
-      if (i + 1 >= argc) throw Error("remat " + command_ + ": --" + name + " needs a value");
+      if (i + 1 >= argc) throw Error("--" + name + " needs a value");
       value = argv[++i];
     }
     values_[name] = value;
@@ -93,14 +93,22 @@ long long Options::get_int(const std::string& name) const {
   char* end = nullptr;
   long long x = std::strtoll(v.c_str(), &end, 10);
   if (v.empty() || *end != '\0' || errno == ERANGE)
-    throw Error("remat " + command_ + ": --" + name + " expects an integer, got '" + v + "'");
+    throw Error("--" + name + " expects an integer, got '" + v + "'");
   return x;
+}
+
+int Options::get_positive(const std::string& name) const {
+  const long long x = get_int(name);
+  if (x < 1 || x > INT_MAX)
+    throw Error("--" + name + " must be a positive integer (at most " + std::to_string(INT_MAX) +
+                "), got " + std::to_string(x));
+  return static_cast<int>(x);
 }
 
 int Options::get_count(const std::string& name) const {
   const long long x = get_int(name);
   if (x < 0 || x > INT_MAX)
-    throw Error("remat " + command_ + ": --" + name + " must be between 0 and " +
+    throw Error("--" + name + " must be between 0 and " +
                 std::to_string(INT_MAX) + ", got " + std::to_string(x));
   return static_cast<int>(x);
 }
@@ -110,7 +118,7 @@ double Options::get_double(const std::string& name) const {
   char* end = nullptr;
   double x = std::strtod(v.c_str(), &end);
   if (v.empty() || *end != '\0' || !std::isfinite(x))
-    throw Error("remat " + command_ + ": --" + name + " expects a number, got '" + v + "'");
+    throw Error("--" + name + " expects a number, got '" + v + "'");
   return x;
 }
 

@@ -23,6 +23,8 @@ class Options {
   std::string get(const std::string& name) const;
   bool given(const std::string& name) const;
   bool get_bool(const std::string& name) const;
+  // An integer >= 1 (sizes: --batch, --seq), or an error naming the option and the value.
+  int get_positive(const std::string& name) const;
   long long get_int(const std::string& name) const;  // Error naming the option if not an integer
   double get_double(const std::string& name) const;
   // A non-negative int (a size or a count): Error naming the option when it is not an

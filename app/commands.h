@@ -4,6 +4,8 @@
 
 #include <string>
 
+#include "app/cli.h"
+
 namespace remat {
 
 // argv after the subcommand.
@@ -14,6 +16,10 @@ int cmd_plan(int argc, const char* const* argv);
 
 // Where `remat prepare` (and `remat train` without --data) put the default corpus.
 inline constexpr const char* kDefaultDataDir = "data/fortunes";
+
+// --recompute, or `full` for --grad-checkpoint (the on/off switch of Hugging Face and
+// InternVL scripts, gradient_checkpointing=True). Both with another policy is an error.
+std::string recompute_policy(const Options& o);
 
 inline bool file_exists(const std::string& p) {
   struct stat st;

@@ -38,6 +38,7 @@ int cmd_plan(int argc, const char* const* argv) {
       .add("batch", "16", "micro-batch size B")
       .add("seq", "1024", "sequence length T")
       .add("recompute", "none", "checkpoint policy (see remat train --help)")
+      .flag("grad-checkpoint", "the same as --recompute full")
       .add("dtype", "bf16", "activation type: bf16 (CUDA) or fp32")
       .add("lookahead", "1", "blocks the recompute stream works ahead")
       .flag("json", "print one JSON object");
@@ -53,19 +54,18 @@ int cmd_plan(int argc, const char* const* argv) {
   } else {
     c = preset_config(model, static_cast<int>(o.get_int("vocab")));
   }
-  const int B = static_cast<int>(o.get_int("batch")), T = static_cast<int>(o.get_int("seq"));
-  REMAT_CHECK(B > 0 && T > 0, "--batch and --seq must be positive");
-  REMAT_CHECK(T <= c.max_seq_len, "--seq " + std::to_string(T) +
+  const int B = o.get_positive("batch"), T = o.get_positive("seq");
+  REMAT_REQUIRE(T <= c.max_seq_len, "--seq " + std::to_string(T) +
                                       " is longer than the model's "
                                       "maximum " +
                                       std::to_string(c.max_seq_len));
   const std::string dts = o.get("dtype");
-  REMAT_CHECK(dts == "bf16" || dts == "fp32", "--dtype must be bf16 or fp32, got '" + dts + "'");
+  REMAT_REQUIRE(dts == "bf16" || dts == "fp32", "--dtype must be bf16 or fp32, got '" + dts + "'");
   const ActDType dt = dts == "bf16" ? ActDType::kBF16 : ActDType::kFP32;
   ScheduleOptions so;
   so.lookahead = static_cast<int>(o.get_int("lookahead"));
   const CostModel cm = cost_model_for(dt);
-  Plan plan = make_plan(o.get("recompute"), c, B, T, dt, so, cm);
+  Plan plan = make_plan(recompute_policy(o), c, B, T, dt, so, cm);
   GPT2Runner dry(c, B, T, plan, dt, so, /*dry=*/true);
   dry.forward_backward(nullptr, nullptr, nullptr, nullptr, 1.0f);
   MemoryReport r = memory_report(c, B, T, plan, dt, dry.stats(), cm);

@@ -32,12 +32,12 @@ int cmd_sample(int argc, const char* const* argv) {
   std::vector<int> prompt;
   const std::string text = o.get("prompt");
   if (!text.empty()) {
-    REMAT_CHECK(tok && tok->can_encode(), "--prompt needs a tokenizer with merges (--tokenizer)");
+    REMAT_REQUIRE(tok && tok->can_encode(), "--prompt needs a tokenizer with merges (--tokenizer)");
     prompt = tok->encode(text);
   }
   if (prompt.empty()) prompt.push_back(tok && tok->eot_token() >= 0 ? tok->eot_token() : 0);
   for (int t : prompt)
-    REMAT_CHECK(t >= 0 && t < mf.config.vocab_size,
+    REMAT_REQUIRE(t >= 0 && t < mf.config.vocab_size,
                 "prompt token " + std::to_string(t) + " is past the model's vocabulary");
   std::vector<int> gen = sample_tokens(mf.config, mf.params.data(), prompt, o.get_count("tokens"),
                                        static_cast<float>(o.get_double("temperature")),

@@ -50,7 +50,7 @@ PrepareResult default_corpus() {
   r.tokenizer_path = std::string(kDefaultDataDir) + "/tokenizer.bin";
   if (file_exists(r.tokenizer_path) && file_exists(std::string(kDefaultDataDir) + "/train_000.bin"))
     return r;
-  REMAT_CHECK(file_exists(kDefaultCorpusDir),
+  REMAT_REQUIRE(file_exists(kDefaultCorpusDir),
               std::string("no --data given and the default corpus ") + kDefaultCorpusDir +
                   " is missing: install Debian's 'fortunes' package or pass --data");
   std::printf("preparing the default corpus %s into %s (first use)\n", kDefaultCorpusDir,
@@ -190,6 +190,9 @@ int cmd_train(int argc, const char* const* argv) {
       .add("recompute", "none",
            "checkpoint policy: none, selective, attention, full, every:K, budget:BYTES, "
            "kind lists like ln1+gelu, per-block overrides ',A-B=POLICY'")
+      .flag("grad-checkpoint",
+            "recompute every block's activations but its input: the same as --recompute full "
+            "(Hugging Face's gradient_checkpointing=True)")
       .add("lookahead", "1", "blocks the recompute stream works ahead")
       .flag("verify-recompute", "keep originals and compare every recomputed tensor bit for bit")
       .add("max-bad-steps", "5", "stop after this many consecutive non-finite steps")
@@ -203,7 +206,7 @@ int cmd_train(int argc, const char* const* argv) {
     std::printf("%s", o.help().c_str());
     return 0;
   }
-  REMAT_CHECK(o.positional().empty(),
+  REMAT_REQUIRE(o.positional().empty(),
               "remat train: unexpected argument '" + o.positional()[0] + "'");
 
   // Device.
@@ -238,22 +241,21 @@ int cmd_train(int argc, const char* const* argv) {
   } else {
     int vocab = o.get_count("vocab");
     if (vocab <= 0 && is_small_preset(model)) {
-      REMAT_CHECK(tok != nullptr, "preset '" + model +
+      REMAT_REQUIRE(tok != nullptr, "preset '" + model +
                                       "' takes its vocabulary from the "
                                       "tokenizer: pass --tokenizer or --vocab");
       vocab = tok->vocab_size();
     }
     c = preset_config(model, vocab);
   }
-  const int B = o.get_count("batch"), T = o.get_count("seq");
-  REMAT_CHECK(B > 0 && T > 0, "--batch and --seq must be positive");
-  REMAT_CHECK(T <= c.max_seq_len, "--seq " + std::to_string(T) +
+  const int B = o.get_positive("batch"), T = o.get_positive("seq");
+  REMAT_REQUIRE(T <= c.max_seq_len, "--seq " + std::to_string(T) +
                                       " is longer than the model's "
                                       "maximum sequence length " +
                                       std::to_string(c.max_seq_len));
   long long total = o.get_int("total-batch");
   if (total <= 0) total = (long long)B * T;
-  REMAT_CHECK(total % ((long long)B * T) == 0,
+  REMAT_REQUIRE(total % ((long long)B * T) == 0,
               "--total-batch " + std::to_string(total) +
                   " is not a multiple of B*T = " + std::to_string((long long)B * T));
   const int accum = static_cast<int>(total / ((long long)B * T));
@@ -262,7 +264,7 @@ int cmd_train(int argc, const char* const* argv) {
   h.lr = static_cast<float>(o.get_double("lr"));
   h.warmup = o.get_count("warmup");
   const std::string sched = o.get("schedule");
-  REMAT_CHECK(sched == "constant" || sched == "cosine",
+  REMAT_REQUIRE(sched == "constant" || sched == "cosine",
               "--schedule must be constant or cosine, got '" + sched + "'");
   h.cosine = sched == "cosine";
   h.final_frac = static_cast<float>(o.get_double("lr-final-frac"));
@@ -271,15 +273,18 @@ int cmd_train(int argc, const char* const* argv) {
   h.beta2 = static_cast<float>(o.get_double("beta2"));
   h.eps = static_cast<float>(o.get_double("eps"));
   h.grad_clip = static_cast<float>(o.get_double("grad-clip"));
+  REMAT_REQUIRE(h.grad_clip >= 0, "--grad-clip must be >= 0 (0 turns clipping off), got " +
+                                      o.get("grad-clip"));
   const int steps = o.get_count("steps");
-  REMAT_CHECK(steps >= 0, "--steps must be >= 0");
+  REMAT_REQUIRE(steps >= 0, "--steps must be >= 0");
   h.total_steps = steps;
 
   ScheduleOptions so;
   so.lookahead = o.get_count("lookahead");
   so.verify_recompute = o.get_bool("verify-recompute");
-  Plan plan = make_plan(o.get("recompute"), c, B, T, be.dtype(), so, CostModel{});
-  check_fits_in_memory(c, B, T, plan, so, o.get("recompute"), be);
+  const std::string policy = recompute_policy(o);
+  Plan plan = make_plan(policy, c, B, T, be.dtype(), so, CostModel{});
+  check_fits_in_memory(c, B, T, plan, so, policy, be);
   if (params.empty()) {
     params.resize(num_params(c));
     init_params(params.data(), c, seed);
@@ -299,7 +304,7 @@ int cmd_train(int argc, const char* const* argv) {
     const std::string what = e.what();
     if (what.find("out of memory") == std::string::npos) throw;
     throw Error(
-        what + "\n  while setting up --recompute " + o.get("recompute") + " (" +
+        what + "\n  while setting up --recompute " + policy + " (" +
         format_bytes(bytes_needed(c, B, T, plan, so, be.dtype())) +
         " planned); --recompute full needs " +
         format_bytes(bytes_needed(c, B, T, parse_plan("full", c), so, be.dtype())) +
@@ -315,6 +320,11 @@ int cmd_train(int argc, const char* const* argv) {
   if (!resume.empty()) {
     TrainState st = load_train_state(resume);
     check_model_matches(c, st.config, resume);
+    // Shuffling and sampling are keyed by the seed: another one would not continue the run.
+    REMAT_REQUIRE(st.rng_seed == seed,
+                  resume + " was trained with --seed " + std::to_string(st.rng_seed) +
+                      ", this run has --seed " + std::to_string(seed) +
+                      ": pass --seed " + std::to_string(st.rng_seed) + " to continue it");
     tr.restore(st);
     train.restore(st.loader);
     std::printf("resumed from %s at step %lld\n", resume.c_str(), (long long)st.step);
@@ -324,7 +334,9 @@ int cmd_train(int argc, const char* const* argv) {
   if (!out.empty()) prepare_out_dir(out);
   auto save = [&]() {
     if (out.empty()) return;
-    save_train_state(out + "/state.bin", tr.state(train));
+    TrainState st = tr.state(train);
+    st.rng_seed = seed;  // the run's --seed: a resume must use the same (checked)
+    save_train_state(out + "/state.bin", st);
     write_llmc_model(out + "/model.bin", c, tr.params().data(), 3);
     std::printf("checkpoint: %s/state.bin, %s/model.bin (step %lld)\n", out.c_str(), out.c_str(),
                 (long long)tr.steps_done());
@@ -332,7 +344,7 @@ int cmd_train(int argc, const char* const* argv) {
   FILE* log = nullptr;
   if (!o.get("log").empty()) {
     log = std::fopen(o.get("log").c_str(), "a");
-    REMAT_CHECK(log, o.get("log") + ": cannot open the log file: " + std::strerror(errno));
+    REMAT_REQUIRE(log, o.get("log") + ": cannot open the log file: " + std::strerror(errno));
   }
   std::signal(SIGINT, on_signal);
   std::signal(SIGTERM, on_signal);
@@ -345,16 +357,26 @@ int cmd_train(int argc, const char* const* argv) {
   long long trace_first = 0, trace_last = -1;
   int traced_steps = 0;
   if (!trace_path.empty()) {
+    // The trace and its report are written after the traced steps: prove both writable now.
+    for (const std::string& p : {trace_path, trace_path + ".probe"}) {
+      const std::string path = p == trace_path ? p : dir_of(trace_path) + "/.remat_trace_probe";
+      const bool existed = file_exists(path);
+      FILE* f = std::fopen(path.c_str(), "a");
+      REMAT_REQUIRE(f, "--trace " + trace_path + ": cannot write " + path + ": " +
+                           std::strerror(errno));
+      std::fclose(f);
+      if (!existed) std::remove(path.c_str());
+    }
     const std::string ts = o.get("trace-steps");
     char tail = 0;
-    REMAT_CHECK(std::sscanf(ts.c_str(), "%lld:%lld%c", &trace_first, &trace_last, &tail) == 2 &&
+    REMAT_REQUIRE(std::sscanf(ts.c_str(), "%lld:%lld%c", &trace_first, &trace_last, &tail) == 2 &&
                     trace_first >= 1 && trace_last >= trace_first,
                 "--trace-steps must be A:B with 1 <= A <= B, got '" + ts + "'");
     if (!o.given("trace-steps")) {
       trace_last = std::min<long long>(trace_last, std::max(steps, 1));
       trace_first = std::min(trace_first, trace_last);
     }
-    REMAT_CHECK(trace_last <= steps,
+    REMAT_REQUIRE(trace_last <= steps,
                 "--trace-steps " + ts + " ends after the run's last step " + std::to_string(steps));
     tracer = std::make_unique<Tracer>();
   }
@@ -368,10 +390,10 @@ int cmd_train(int argc, const char* const* argv) {
     const OverlapReport rep = overlap_report(tracer->data(), tr.runner().main_stream()->id(),
                                              tr.runner().side_stream()->id());
     FILE* f = std::fopen(report_path.c_str(), "wb");
-    REMAT_CHECK(f, report_path + ": cannot write the overlap report: " + std::strerror(errno));
+    REMAT_REQUIRE(f, report_path + ": cannot write the overlap report: " + std::strerror(errno));
     const std::string js = to_json(rep);
     const bool ok = std::fwrite(js.data(), 1, js.size(), f) == js.size();
-    REMAT_CHECK(std::fclose(f) == 0 && ok, report_path + ": error writing the overlap report");
+    REMAT_REQUIRE(std::fclose(f) == 0 && ok, report_path + ": error writing the overlap report");
     print(rep, stdout);
     std::printf("trace: %s (open in ui.perfetto.dev or chrome://tracing), report: %s\n",
                 trace_path.c_str(), report_path.c_str());

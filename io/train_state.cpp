@@ -93,7 +93,7 @@ void save_train_state(const std::string& path, const TrainState& s) {
   h.put<int64_t>(s.loader.shard);
   h.put<int64_t>(s.loader.batch_in_shard);
   h.put<uint64_t>(s.rng_seed);
-  h.put<uint64_t>(s.rng_counter);
+  h.put<uint64_t>(0);  // reserved
   h.put<uint64_t>(s.params.size());
   h.put<uint64_t>(s.m.size());
   h.put<uint64_t>(s.v.size());
@@ -145,7 +145,7 @@ TrainState load_train_state(const std::string& path) {
   s.loader.shard = h.get<int64_t>();
   s.loader.batch_in_shard = h.get<int64_t>();
   s.rng_seed = h.get<uint64_t>();
-  s.rng_counter = h.get<uint64_t>();
+  (void)h.get<uint64_t>();  // reserved
   const uint64_t np = h.get<uint64_t>(), nm = h.get<uint64_t>(), nv = h.get<uint64_t>();
   const uint64_t ne = h.get<uint64_t>();
 

@@ -16,6 +16,8 @@
 // - The caller synchronizes every stream that used a block before destroying the arena.
 #include "runtime/arena.h"
 
+#include "base/bytes.h"
+
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
@@ -64,7 +66,10 @@ class CpuMemory final : public MemoryResource {
     const size_t rounded =
         std::max<size_t>(kHostAlign, (bytes + kHostAlign - 1) / kHostAlign * kHostAlign);
     void* p = std::aligned_alloc(kHostAlign, rounded);
-    REMAT_CHECK(p != nullptr, "cpu_memory: cannot reserve " + std::to_string(bytes) + " bytes");
+    REMAT_REQUIRE(p != nullptr, "out of host memory: cannot reserve the activation arena of " +
+                                    format_bytes(bytes) + " (" + std::to_string(bytes) +
+                                    " bytes); a --recompute policy that stores less, or a "
+                                    "smaller --batch, needs less");
     return p;
   }
   void release(void* p) override { std::free(p); }

@@ -118,6 +118,14 @@ void expect_error(const Result& r, const std::vector<std::string>& what) {
   for (const std::string& w : what)
     EXPECT_TRUE(contains(r.err, w)) << "missing '" << w << "'\n" << r.describe();
   EXPECT_FALSE(contains(r.out, "step 1/")) << "training started\n" << r.describe();
+  // A user's error names what is wrong, never a place in remat's sources, and says who
+  // speaks once.
+  EXPECT_FALSE(contains(r.err, ".cpp:") || contains(r.err, ".h:") || contains(r.err, ".cu:"))
+      << "a source location in a user's error\n" << r.describe();
+  const size_t first = r.err.find(": error: ");
+  EXPECT_TRUE(first != std::string::npos && r.err.find(": error: ", first + 1) == std::string::npos &&
+              r.err.find("remat train: remat") == std::string::npos)
+      << "the prefix twice\n" << r.describe();
 }
 
 class CliTest : public ::testing::Test {
@@ -301,6 +309,39 @@ TEST_F(CliTest, BadOptionsAreNamed) {
   expect_error(run(train({"--recompute", "full,99999999999=none"}), "o_block"), {"99999999999"});
   expect_error(run(train({"--vocab", "2147483647"}), "o_vocab"), {"2147483647"});
   expect_error(run(train({"stray"}), "o_positional"), {"stray"});
+  // One check per option, agreeing with its help.
+  expect_error(run(train({"--batch", "0"}), "o_batch0"), {"--batch must be a positive integer", "got 0"});
+  expect_error(run(train({"--seq", "-3"}), "o_seqneg"), {"--seq must be a positive integer"});
+  expect_error(run(train({"--grad-clip", "-1"}), "o_clip"), {"--grad-clip must be >= 0", "-1"});
+  expect_error(run(train({"--recompute", "every:0"}), "o_every0"), {"every:0", "1 <= K"});
+  expect_error(run(train({"--lookahead", "-1"}), "o_la"), {"--lookahead"});
+  expect_error(run(train({"--grad-checkpoint", "--recompute", "selective"}), "o_gc"),
+               {"--grad-checkpoint", "selective"});
+  // An unwritable trace is refused before the first step, not after the run.
+  expect_error(run(train({"--trace", path("no/such/dir/t.json")}), "o_trace"),
+               {"--trace", "no/such/dir/t.json"});
+}
+
+TEST_F(CliTest, GradCheckpointIsRecomputeFull) {
+  const Result a = run({"plan", "--model", "gpt2", "--grad-checkpoint"}, "gc_plan");
+  const Result b = run({"plan", "--model", "gpt2", "--recompute", "full"}, "full_plan");
+  ASSERT_EQ(a.code(), 0) << a.describe();
+  ASSERT_EQ(b.code(), 0) << b.describe();
+  auto body = [](const std::string& s) { return s.substr(0, s.find("(planned in")); };
+  EXPECT_EQ(body(a.out), body(b.out));
+  const Result t = run(train({"--grad-checkpoint", "--recompute", "full", "--steps", "1"}), "gc_train");
+  EXPECT_EQ(t.code(), 0) << t.describe();
+  EXPECT_TRUE(contains(t.out, "recompute full")) << t.describe();
+}
+
+TEST_F(CliTest, ResumeWithAnotherSeedIsRefusedBeforeTheFirstStep) {
+  const Result made = run(train({"--out", path("seed_src"), "--steps", "2", "--seed", "5"}), "seed_src");
+  ASSERT_EQ(made.code(), 0) << made.describe();
+  const std::string state = path("seed_src/state.bin");
+  expect_error(run(train({"--resume", state, "--seed", "6"}), "seed_other"),
+               {state, "--seed 5", "--seed 6"});
+  const Result same = run(train({"--resume", state, "--seed", "5", "--steps", "3"}), "seed_same");
+  EXPECT_EQ(same.code(), 0) << same.describe();
 }
 
 // ---- device and precision ----

@@ -625,7 +625,6 @@ TrainState sample_state() {
   s.v = random_params(s.config, 7);
   s.loader = {3, 1, 17};
   s.rng_seed = 0xDEADBEEFCAFEF00Dull;
-  s.rng_counter = 99;
   s.extra_json = "{\"lr\": 0.0006, \"name\": \"naïve\"}";
   return s;
 }
@@ -644,7 +643,6 @@ TEST_F(Files, TrainStateRoundTrip) {
   EXPECT_EQ(t.loader.shard, 1);
   EXPECT_EQ(t.loader.batch_in_shard, 17);
   EXPECT_EQ(t.rng_seed, s.rng_seed);
-  EXPECT_EQ(t.rng_counter, 99u);
   EXPECT_EQ(t.extra_json, s.extra_json);
   EXPECT_EQ(read_file_bytes(p).size(), 112 + 3 * 348 * 4 + s.extra_json.size() + 8);
 

@@ -92,7 +92,6 @@ void states() {
   s.loader.epoch = 1;
   s.loader.batch_in_shard = 2;
   s.rng_seed = 1337;
-  s.rng_counter = 42;
   const std::string tmp = g_dir + "/tmp.bin";
   remat::save_train_state(tmp, s);
   put("train_state", "no_moments", bytes_of(tmp));
