@@ -65,19 +65,18 @@ std::vector<ReplayStep> replay_of(const Program& p, const Plan& plan, int block)
     if (!any) continue;
     ReplayStep st;
     st.op = i;
-    st.norm_only = op.kind == OpKind::kResidualLayerNorm && !need[op.out[0]] &&
-                   kept(p, plan, op.out[0]);
-    const std::vector<TensorId> reads =
-        st.norm_only ? std::vector<TensorId>{op.out[0]} : op.in;
+    st.norm_only =
+        op.kind == OpKind::kResidualLayerNorm && !need[op.out[0]] && kept(p, plan, op.out[0]);
+    const std::vector<TensorId> reads = st.norm_only ? std::vector<TensorId>{op.out[0]} : op.in;
     for (TensorId t : reads) {
       if (kept(p, plan, t) || need[t]) continue;
       const TensorDesc& d = p.tensors[t];
       if (d.block != block || d.producer < 0)
-        throw Error("--recompute '" + plan.spec + "': block " + std::to_string(block) +
-                    " cannot be rebuilt: it needs '" + d.name + "' of " +
-                    (d.block < 0 ? std::string("outside the blocks")
-                                 : "block " + std::to_string(d.block)) +
-                    ", which the plan does not keep");
+        throw Error(
+            "--recompute '" + plan.spec + "': block " + std::to_string(block) +
+            " cannot be rebuilt: it needs '" + d.name + "' of " +
+            (d.block < 0 ? std::string("outside the blocks") : "block " + std::to_string(d.block)) +
+            ", which the plan does not keep");
       need[t] = 1;
     }
     for (size_t k = 0; k < op.out.size(); k++) {
@@ -181,24 +180,24 @@ struct Executor::Impl {
   std::unique_ptr<Arena> arena;
 
   // Derived once.
-  std::vector<char> keep;                 // kept by the plan in training
-  std::vector<int> last_fwd_train;        // last forward use among the ops a training forward runs
-  std::vector<int> last_fwd_eval;         // last forward use, evaluation (all ops)
-  std::vector<int> last_bwd_read;         // lowest op index whose backward reads it, -1 none
+  std::vector<char> keep;           // kept by the plan in training
+  std::vector<int> last_fwd_train;  // last forward use among the ops a training forward runs
+  std::vector<int> last_fwd_eval;   // last forward use, evaluation (all ops)
+  std::vector<int> last_bwd_read;   // lowest op index whose backward reads it, -1 none
   std::vector<std::vector<int>> replay_readers;  // blocks whose replay reads a stored tensor
   std::vector<std::vector<ReplayStep>> replay;   // per block
   std::vector<const char*> fwd_label, bwd_label, rc_label, zero_label;
   std::vector<const char*> tensor_name, extra_name;
 
   // Per step.
-  std::vector<Block> blk;     // activation of each tensor
+  std::vector<Block> blk;  // activation of each tensor
   struct GradBuf {
     Block b;
     int pending = 0;  // tensors sharing it whose producer's backward has not run
   };
-  std::vector<GradBuf> gbufs;  // reused; one entry per live gradient buffer
+  std::vector<GradBuf> gbufs;   // reused; one entry per live gradient buffer
   std::vector<int> free_gbufs;  // gbufs entries not in use
-  std::vector<int> grad_of;    // tensor -> gbufs index, -1 none
+  std::vector<int> grad_of;     // tensor -> gbufs index, -1 none
   std::vector<Event> ready;
   std::vector<char> issued, waited;
   int next_rc = 0;
@@ -318,8 +317,7 @@ struct Executor::Impl {
       replay[l] = replay_of(P, plan, l);
       for (const ReplayStep& st : replay[l]) {
         const OpDesc& op = P.ops[st.op];
-        const std::vector<TensorId> reads =
-            st.norm_only ? std::vector<TensorId>{op.out[0]} : op.in;
+        const std::vector<TensorId> reads = st.norm_only ? std::vector<TensorId>{op.out[0]} : op.in;
         for (TensorId t : reads)
           if (keep[t]) replay_readers[t].push_back(l);
       }
@@ -345,16 +343,24 @@ struct Executor::Impl {
   void* g(const OpDesc& op, int k) const {
     return k < static_cast<int>(op.params.size()) ? param_ptr(Gw, op.params[k]) : nullptr;
   }
-  static void* main_of(const Block& b) { return b.ptr; }
+  static void* main_of(const Block& b) {
+    return b.ptr;
+  }
   float* extra_of(const Block& b, TensorId t) const {
     if (!b.ptr) return nullptr;
     return reinterpret_cast<float*>(static_cast<char*>(b.ptr) +
                                     align_up(P.tensors[t].elems() * es));
   }
   // LayerNorm statistics are stored as mean (N) then rstd (N).
-  static float* rstd_of(float* mean, int n) { return mean ? mean + n : nullptr; }
-  const int* dev_inputs() const { return tokens_dev; }
-  const int* dev_targets() const { return tokens_dev ? tokens_dev + size_t(P.B) * P.T : nullptr; }
+  static float* rstd_of(float* mean, int n) {
+    return mean ? mean + n : nullptr;
+  }
+  const int* dev_inputs() const {
+    return tokens_dev;
+  }
+  const int* dev_targets() const {
+    return tokens_dev ? tokens_dev + size_t(P.B) * P.T : nullptr;
+  }
 
   Block alloc_act(TensorId t, Stream* s, Phase ph) {
     return arena->alloc(P.tensor_bytes(t, es), s, ph, Usage::kActivation, tensor_name[t]);
@@ -398,8 +404,7 @@ struct Executor::Impl {
         break;
       }
       case OpKind::kMatmul:
-        be->matmul_forward(s, out[0]->ptr, in(0), w(op, 0), w(op, 1), N, C, op.OC, label,
-                           op.block);
+        be->matmul_forward(s, out[0]->ptr, in(0), w(op, 0), w(op, 1), N, C, op.OC, label, op.block);
         break;
       case OpKind::kGelu:
         be->gelu_forward(s, out[0]->ptr, in(0), size_t(N) * C, label, op.block);
@@ -459,12 +464,11 @@ struct Executor::Impl {
       return;
     }
     const int chunk = rows_chunk();
-    Block logits = arena->alloc(size_t(chunk) * op.Vp * es, s, Phase::kForward,
-                                Usage::kWorkspace, "logits");
-    Block losses =
-        arena->alloc(size_t(op.N) * 4, s, Phase::kForward, Usage::kWorkspace, "losses");
-    be->classifier(s, losses.f32(), nullptr, nullptr, x, w(op, 0), dev_targets(), op.N, op.C,
-                   op.V, op.Vp, 0.0f, logits.ptr, chunk, loss_host);
+    Block logits =
+        arena->alloc(size_t(chunk) * op.Vp * es, s, Phase::kForward, Usage::kWorkspace, "logits");
+    Block losses = arena->alloc(size_t(op.N) * 4, s, Phase::kForward, Usage::kWorkspace, "losses");
+    be->classifier(s, losses.f32(), nullptr, nullptr, x, w(op, 0), dev_targets(), op.N, op.C, op.V,
+                   op.Vp, 0.0f, logits.ptr, chunk, loss_host);
     arena->free(logits, s);
     arena->free(losses, s);
   }
@@ -576,13 +580,17 @@ struct Executor::Impl {
   }
 
   // ---- activation gradients ----
-  void* grad_ptr(TensorId t) const { return grad_of[t] >= 0 ? gbufs[grad_of[t]].b.ptr : nullptr; }
-  bool has_grad(TensorId t) const { return grad_of[t] >= 0; }
+  void* grad_ptr(TensorId t) const {
+    return grad_of[t] >= 0 ? gbufs[grad_of[t]].b.ptr : nullptr;
+  }
+  bool has_grad(TensorId t) const {
+    return grad_of[t] >= 0;
+  }
   int new_grad(TensorId t, bool zero) {
     Stream* s = main.get();
     GradBuf gb;
-    gb.b = arena->alloc(align_up(P.tensors[t].elems() * es), s, Phase::kBackward,
-                        Usage::kWorkspace, "activation gradient");
+    gb.b = arena->alloc(align_up(P.tensors[t].elems() * es), s, Phase::kBackward, Usage::kWorkspace,
+                        "activation gradient");
     gb.pending = 1;
     if (zero) be->zero(s, gb.b.ptr, P.tensors[t].elems() * es, zero_label[P.tensors[t].producer]);
     int id;
@@ -686,8 +694,8 @@ struct Executor::Impl {
         issue_down_to(eff - opt.lookahead);
         read_ready();
         NvtxRange nvtx_classifier("classifier");
-        be->classifier(s, losses.f32(), dx, g(op, 0), act(op.in[0]), w(op, 0), dev_targets(), N,
-                       C, op.V, op.Vp, dloss, logits.ptr, chunk, loss_host);
+        be->classifier(s, losses.f32(), dx, g(op, 0), act(op.in[0]), w(op, 0), dev_targets(), N, C,
+                       op.V, op.Vp, dloss, logits.ptr, chunk, loss_host);
         arena->free(logits, s);
         arena->free(losses, s);
         break;
@@ -827,8 +835,8 @@ struct Executor::Impl {
 
 Executor::Executor(std::shared_ptr<const Program> program, Plan plan, ActDType dtype,
                    ScheduleOptions opt, bool dry, Backend* backend)
-    : impl_(std::make_unique<Impl>(std::move(program), std::move(plan), dtype, opt, dry,
-                                   backend)) {}
+    : impl_(std::make_unique<Impl>(std::move(program), std::move(plan), dtype, opt, dry, backend)) {
+}
 Executor::~Executor() = default;
 
 float Executor::forward_backward(const void* params, void* grads, const int* inputs,
@@ -866,8 +874,8 @@ const Program& Executor::program() const {
   return impl_->P;
 }
 
-uint64_t dry_run_activation_peak(std::shared_ptr<const Program> p, const Plan& plan,
-                                 ActDType dt, const ScheduleOptions& opt) {
+uint64_t dry_run_activation_peak(std::shared_ptr<const Program> p, const Plan& plan, ActDType dt,
+                                 const ScheduleOptions& opt) {
   Executor dry(std::move(p), plan, dt, opt, /*dry=*/true);
   dry.forward_backward(nullptr, nullptr, nullptr, nullptr, 1.0f);
   return dry.stats().peak_by_usage[static_cast<int>(Usage::kActivation)];

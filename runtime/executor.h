@@ -55,8 +55,8 @@ enum class ReplayRole : uint8_t {
 };
 struct ReplayStep {
   int op = -1;
-  bool norm_only = false;  // residual LayerNorm rebuilt from its stored sum
-  std::vector<ReplayRole> roles;   // per output
+  bool norm_only = false;            // residual LayerNorm rebuilt from its stored sum
+  std::vector<ReplayRole> roles;     // per output
   std::vector<TensorId> free_after;  // temps whose last replay use is this step
 };
 // The smallest replay that rebuilds the tensors `plan` frees in `block`, from stored tensors
@@ -108,8 +108,8 @@ class Executor {
 };
 
 // Activation peak of a plan by the dry run (the planner's peak_of).
-uint64_t dry_run_activation_peak(std::shared_ptr<const Program> p, const Plan& plan,
-                                 ActDType dt, const ScheduleOptions& opt);
+uint64_t dry_run_activation_peak(std::shared_ptr<const Program> p, const Plan& plan, ActDType dt,
+                                 const ScheduleOptions& opt);
 
 // Resolves any --recompute policy for a program; budget:BYTES (activation bytes) by the
 // planner with dry runs. *lower_bound_seconds: the planner's bound (0 for other policies).

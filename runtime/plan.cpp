@@ -88,8 +88,8 @@ bool named_set(const std::string& name, const PlanSchema& schema, SlotSet* out) 
 
 // A block number or count: decimal digits only, at most INT_MAX.
 int parse_int(const std::string& text, const std::string& spec) {
-  if (text.empty() || !std::all_of(text.begin(), text.end(),
-                                   [](unsigned char ch) { return std::isdigit(ch); }))
+  if (text.empty() ||
+      !std::all_of(text.begin(), text.end(), [](unsigned char ch) { return std::isdigit(ch); }))
     throw Error("--recompute '" + spec + "': '" + text + "' is not a number");
   int64_t value = 0;
   for (char ch : text) {
@@ -125,7 +125,8 @@ void apply(Plan& plan, const PlanSchema& schema, const std::string& policy, int 
     for (const std::string& n : schema.slots) names += (names.empty() ? "" : ", ") + n;
     throw Error("--recompute '" + spec + "': unknown policy '" + policy +
                 "' (use none, selective, attention, full, every:K, budget:BYTES, or names "
-                "joined by '+' from " + names + ")");
+                "joined by '+' from " +
+                names + ")");
   }
   for (int b = lo; b <= hi; b++) plan.recompute[b] = s;
 }
@@ -174,7 +175,6 @@ bool parse_budget(const std::string& spec, uint64_t* bytes) {
   *bytes = parse_bytes(spec.substr(7));
   return true;
 }
-
 
 namespace {
 

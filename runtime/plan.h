@@ -24,9 +24,9 @@ struct PlanSchema {
 PlanSchema plan_schema(const Program& p);
 
 struct Plan {
-  std::string spec;                            // what the user asked for: "selective", ...
-  std::vector<std::string> slots;              // the schema's slot names
-  std::vector<std::vector<uint8_t>> recompute; // [block][slot]: 1 = recompute
+  std::string spec;                             // what the user asked for: "selective", ...
+  std::vector<std::string> slots;               // the schema's slot names
+  std::vector<std::vector<uint8_t>> recompute;  // [block][slot]: 1 = recompute
   bool any_recompute() const;
   int num_recomputed() const;  // (block, slot) pairs recomputed
   bool block_recomputes(int block) const;
@@ -36,10 +36,10 @@ struct Plan {
 
 // What recomputing one slot of one block costs and saves.
 struct SlotCost {
-  uint64_t bytes = 0;       // bytes freed by not keeping it
-  double flops = 0;         // FLOPs to rebuild it alone (everything else kept)
-  double seconds = 0;       // modelled time to rebuild it alone
-  double lb_seconds = 0;    // a part of `seconds` no other slot's rebuild can share
+  uint64_t bytes = 0;     // bytes freed by not keeping it
+  double flops = 0;       // FLOPs to rebuild it alone (everything else kept)
+  double seconds = 0;     // modelled time to rebuild it alone
+  double lb_seconds = 0;  // a part of `seconds` no other slot's rebuild can share
 };
 
 // Parses a policy for a schema's blocks. Presets by the class of op output:

@@ -9,56 +9,78 @@ namespace remat {
 
 const char* op_kind_name(OpKind k) {
   switch (k) {
-    case OpKind::kEmbedding: return "embedding";
-    case OpKind::kLayerNorm: return "layernorm";
-    case OpKind::kResidualLayerNorm: return "residual_layernorm";
-    case OpKind::kMatmul: return "matmul";
-    case OpKind::kGelu: return "gelu";
-    case OpKind::kAttention: return "attention";
-    case OpKind::kClassifier: return "classifier";
+    case OpKind::kEmbedding:
+      return "embedding";
+    case OpKind::kLayerNorm:
+      return "layernorm";
+    case OpKind::kResidualLayerNorm:
+      return "residual_layernorm";
+    case OpKind::kMatmul:
+      return "matmul";
+    case OpKind::kGelu:
+      return "gelu";
+    case OpKind::kAttention:
+      return "attention";
+    case OpKind::kClassifier:
+      return "classifier";
   }
   return "?";
 }
 
 const char* tensor_class_name(TensorClass c) {
   switch (c) {
-    case TensorClass::kEmbedding: return "embedding";
-    case TensorClass::kNorm: return "norm";
-    case TensorClass::kResidual: return "residual";
-    case TensorClass::kMatmul: return "matmul";
-    case TensorClass::kActivation: return "activation";
-    case TensorClass::kAttention: return "attention";
+    case TensorClass::kEmbedding:
+      return "embedding";
+    case TensorClass::kNorm:
+      return "norm";
+    case TensorClass::kResidual:
+      return "residual";
+    case TensorClass::kMatmul:
+      return "matmul";
+    case TensorClass::kActivation:
+      return "activation";
+    case TensorClass::kAttention:
+      return "attention";
   }
   return "?";
 }
 
 GradMode grad_mode(OpKind k, int input) {
   switch (k) {
-    case OpKind::kLayerNorm: return GradMode::kAccumulate;
-    case OpKind::kResidualLayerNorm: return GradMode::kPassThrough;
-    default: (void)input; return GradMode::kAssign;
+    case OpKind::kLayerNorm:
+      return GradMode::kAccumulate;
+    case OpKind::kResidualLayerNorm:
+      return GradMode::kPassThrough;
+    default:
+      (void)input;
+      return GradMode::kAssign;
   }
 }
 
 TensorClass output_class(OpKind k, int output) {
   switch (k) {
-    case OpKind::kEmbedding: return TensorClass::kEmbedding;
-    case OpKind::kLayerNorm: return TensorClass::kNorm;
+    case OpKind::kEmbedding:
+      return TensorClass::kEmbedding;
+    case OpKind::kLayerNorm:
+      return TensorClass::kNorm;
     case OpKind::kResidualLayerNorm:
       return output == 0 ? TensorClass::kResidual : TensorClass::kNorm;
-    case OpKind::kGelu: return TensorClass::kActivation;
-    case OpKind::kAttention: return TensorClass::kAttention;
-    default: return TensorClass::kMatmul;
+    case OpKind::kGelu:
+      return TensorClass::kActivation;
+    case OpKind::kAttention:
+      return TensorClass::kAttention;
+    default:
+      return TensorClass::kMatmul;
   }
 }
 
 bool backward_reads_input(OpKind k, int input) {
   switch (k) {
-    case OpKind::kLayerNorm:    // d x needs x
-    case OpKind::kMatmul:       // d w needs x
-    case OpKind::kGelu:         // d x needs x
-    case OpKind::kAttention:    // needs q, k, v
-    case OpKind::kClassifier:   // the logits are rebuilt from x
+    case OpKind::kLayerNorm:   // d x needs x
+    case OpKind::kMatmul:      // d w needs x
+    case OpKind::kGelu:        // d x needs x
+    case OpKind::kAttention:   // needs q, k, v
+    case OpKind::kClassifier:  // the logits are rebuilt from x
       (void)input;
       return true;
     default:
@@ -68,27 +90,36 @@ bool backward_reads_input(OpKind k, int input) {
 
 bool backward_reads_output(OpKind k, int output) {
   switch (k) {
-    case OpKind::kLayerNorm: return true;          // mean, rstd
-    case OpKind::kResidualLayerNorm: return true;  // the sum (0) and mean, rstd (1)
-    case OpKind::kAttention: return true;          // out and lse
-    default: (void)output; return false;
+    case OpKind::kLayerNorm:
+      return true;  // mean, rstd
+    case OpKind::kResidualLayerNorm:
+      return true;  // the sum (0) and mean, rstd (1)
+    case OpKind::kAttention:
+      return true;  // out and lse
+    default:
+      (void)output;
+      return false;
   }
 }
 
 OpWork op_work(const OpDesc& op, int es, bool norm_only) {
   const double N = op.N, C = op.C;
   switch (op.kind) {
-    case OpKind::kEmbedding: return {N * C, 3 * N * C * es};
-    case OpKind::kLayerNorm: return {8 * N * C, 2 * N * C * es + 8 * N};
+    case OpKind::kEmbedding:
+      return {N * C, 3 * N * C * es};
+    case OpKind::kLayerNorm:
+      return {8 * N * C, 2 * N * C * es + 8 * N};
     case OpKind::kResidualLayerNorm:
       if (norm_only) return {8 * N * C, 2 * N * C * es + 8 * N};
       return {9 * N * C, 4 * N * C * es + 8 * N};
     case OpKind::kMatmul:
       return {2 * N * C * op.OC, (N * C + N * op.OC + C * double(op.OC)) * es};
-    case OpKind::kGelu: return {8 * N * C, 2 * N * C * es};
+    case OpKind::kGelu:
+      return {8 * N * C, 2 * N * C * es};
     case OpKind::kAttention:  // causal: half of the 4 T^2 C FLOPs per sequence
       return {2.0 * op.B * double(op.T) * op.T * C, 4 * N * C * es};
-    case OpKind::kClassifier: return {2 * N * C * op.Vp, (N * C + C * double(op.Vp)) * es};
+    case OpKind::kClassifier:
+      return {2 * N * C * op.Vp, (N * C + C * double(op.Vp)) * es};
   }
   return {};
 }
@@ -137,8 +168,8 @@ void ProgramBuilder::checkpoint(TensorId t) {
   p_.tensors.at(t).checkpoint = true;
 }
 
-TensorId ProgramBuilder::add_tensor(const std::string& name, size_t rows, size_t cols,
-                                    size_t extra, const std::string& extra_name) {
+TensorId ProgramBuilder::add_tensor(const std::string& name, size_t rows, size_t cols, size_t extra,
+                                    const std::string& extra_name) {
   TensorDesc d;
   d.name = name;
   d.block = block_;
@@ -162,8 +193,7 @@ int ProgramBuilder::add_op(OpDesc op) {
     t.cls = output_class(op.kind, static_cast<int>(i));
   }
   for (TensorId t : op.in) {
-    REMAT_CHECK(t >= 0 && t < static_cast<int>(p_.tensors.size()) &&
-                    p_.tensors[t].producer >= 0,
+    REMAT_CHECK(t >= 0 && t < static_cast<int>(p_.tensors.size()) && p_.tensors[t].producer >= 0,
                 "program: op '" + op.name + "' reads a tensor no op has produced");
   }
   p_.ops.push_back(std::move(op));
@@ -195,8 +225,8 @@ TensorId ProgramBuilder::layernorm(TensorId x, ParamId w, ParamId b, const std::
   return op.out[0];
 }
 
-std::pair<TensorId, TensorId> ProgramBuilder::residual_layernorm(TensorId x, TensorId y,
-                                                                 ParamId w, ParamId b,
+std::pair<TensorId, TensorId> ProgramBuilder::residual_layernorm(TensorId x, TensorId y, ParamId w,
+                                                                 ParamId b,
                                                                  const std::string& res_name,
                                                                  const std::string& ln_name,
                                                                  const std::string& op_name) {
@@ -313,9 +343,8 @@ Program ProgramBuilder::finish() {
   for (size_t t = 0; t < p.tensors.size(); t++) {
     const TensorDesc& d = p.tensors[t];
     if (d.slot < 0) continue;
-    REMAT_CHECK(p.slot_tensor[d.block][d.slot] < 0,
-                "program: block " + std::to_string(d.block) + " has two tensors named '" +
-                    d.name + "'");
+    REMAT_CHECK(p.slot_tensor[d.block][d.slot] < 0, "program: block " + std::to_string(d.block) +
+                                                        " has two tensors named '" + d.name + "'");
     p.slot_tensor[d.block][d.slot] = static_cast<TensorId>(t);
   }
   return p;

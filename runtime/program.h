@@ -45,13 +45,13 @@ using ParamId = int;
 constexpr int kNoBlock = -1;
 
 struct TensorDesc {
-  std::string name;        // "ln1", "qkv", ...
-  int block = kNoBlock;    // transformer block, or kNoBlock
+  std::string name;      // "ln1", "qkv", ...
+  int block = kNoBlock;  // transformer block, or kNoBlock
   size_t rows = 0, cols = 0;
   size_t extra = 0;        // fp32 elements after the main part (0: none)
   std::string extra_name;  // "ln1.mean_rstd"
   TensorClass cls = TensorClass::kMatmul;
-  int producer = -1;       // op index
+  int producer = -1;  // op index
   // A block input: kept by every plan (recompute starts from it). Set by the model.
   bool checkpoint = false;
 
@@ -63,8 +63,8 @@ struct TensorDesc {
 };
 
 struct ParamDesc {
-  std::string name;    // Hugging Face style: "h.3.attn.c_attn.weight"
-  size_t offset = 0;   // elements from the start of the flat parameter buffer
+  std::string name;   // Hugging Face style: "h.3.attn.c_attn.weight"
+  size_t offset = 0;  // elements from the start of the flat parameter buffer
   size_t count = 0;
   bool decay = false;  // AdamW weight decay applies
 };
@@ -84,9 +84,9 @@ struct OpDesc {
 
 // How an op's backward delivers the gradient of each of its inputs.
 enum class GradMode {
-  kAssign,      // the kernel writes d(input)
-  kAccumulate,  // the kernel adds into d(input) (zeroed when it is new)
-  kPassThrough, // d(input) is d(output 0) itself (residual sums): one shared buffer
+  kAssign,       // the kernel writes d(input)
+  kAccumulate,   // the kernel adds into d(input) (zeroed when it is new)
+  kPassThrough,  // d(input) is d(output 0) itself (residual sums): one shared buffer
 };
 GradMode grad_mode(OpKind k, int input);
 // The output classes of an op kind, by output index.

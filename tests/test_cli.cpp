@@ -28,88 +28,17 @@
 #include "io/llmc_model.h"
 #include "io/shards.h"
 #include "io/train_state.h"
+#include "tests/test_util.h"
 
 namespace fs = std::filesystem;
 
 namespace {
 
-struct Result {
-  int status = 0;
-  std::string out, err;
-  bool exited() const { return WIFEXITED(status); }
-  int code() const { return WIFEXITED(status) ? WEXITSTATUS(status) : -1; }
-  std::string describe() const {
-    std::string s = WIFEXITED(status)     ? "exit " + std::to_string(WEXITSTATUS(status))
-                    : WIFSIGNALED(status) ? "killed by signal " + std::to_string(WTERMSIG(status))
-                                          : "status " + std::to_string(status);
-    return s + "\n--- stdout:\n" + out + "\n--- stderr:\n" + err;
-  }
-};
-
-struct Limits {
-  std::vector<std::string> env;  // extra NAME=VALUE
-  rlim_t fsize = RLIM_INFINITY;  // RLIMIT_FSIZE: a smaller one simulates a full disk
-  rlim_t as = RLIM_INFINITY;     // RLIMIT_AS: address-space cap
-};
-
-std::string slurp(const std::string& path) {
-  std::ifstream f(path, std::ios::binary);
-  std::stringstream s;
-  s << f.rdbuf();
-  return s.str();
-}
-
-// Runs REMAT_BINARY with `args` to completion (killing it after 300 s).
-Result run_remat(const std::vector<std::string>& args, const std::string& scratch,
-                 const Limits& lim = {}) {
-  const std::string out = scratch + ".out", err = scratch + ".err";
-  std::vector<std::string> full = {REMAT_BINARY};
-  full.insert(full.end(), args.begin(), args.end());
-  std::vector<char*> argv;
-  for (std::string& a : full) argv.push_back(a.data());
-  argv.push_back(nullptr);
-  std::vector<std::string> env = lim.env;
-  const pid_t pid = ::fork();
-  if (pid == 0) {
-    const int fo = ::open(out.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
-    const int fe = ::open(err.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
-    if (fo < 0 || fe < 0) ::_exit(126);
-    ::dup2(fo, 1);
-    ::dup2(fe, 2);
-    for (std::string& e : env) ::putenv(e.data());
-    // A write past RLIMIT_FSIZE fails with EFBIG instead of killing with SIGXFSZ.
-    ::signal(SIGXFSZ, SIG_IGN);
-    struct rlimit r;
-    if (lim.fsize != RLIM_INFINITY) {
-      r.rlim_cur = r.rlim_max = lim.fsize;
-      ::setrlimit(RLIMIT_FSIZE, &r);
-    }
-    if (lim.as != RLIM_INFINITY) {
-      r.rlim_cur = r.rlim_max = lim.as;
-      ::setrlimit(RLIMIT_AS, &r);
-    }
-    ::execv(argv[0], argv.data());
-    ::_exit(127);
-  }
-  Result res;
-  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(300);
-  while (::waitpid(pid, &res.status, WNOHANG) != pid) {
-    if (std::chrono::steady_clock::now() > deadline) {
-      ::kill(pid, SIGKILL);
-      ::waitpid(pid, &res.status, 0);
-      ADD_FAILURE() << "remat did not finish within 300 s";
-      break;
-    }
-    std::this_thread::sleep_for(std::chrono::milliseconds(2));
-  }
-  res.out = slurp(out);
-  res.err = slurp(err);
-  return res;
-}
-
-bool contains(const std::string& s, const std::string& what) {
-  return s.find(what) != std::string::npos;
-}
+using remat::test::contains;
+using remat::test::Limits;
+using remat::test::Result;
+using remat::test::run_remat;
+using remat::test::slurp;
 
 // Expects a clean failure: exit code 1 (not a signal) and stderr containing every `what`.
 void expect_error(const Result& r, const std::vector<std::string>& what) {
@@ -134,10 +63,7 @@ class CliTest : public ::testing::Test {
     char tmpl[] = "/tmp/remat_cli_XXXXXX";
     ASSERT_NE(::mkdtemp(tmpl), nullptr);
     dir_ = tmpl;
-    std::mt19937 rng(99);
-    std::vector<uint16_t> tokens(4000);
-    for (auto& t : tokens) t = static_cast<uint16_t>(rng() % 300);
-    remat::write_shard(dir_ + "/train.bin", tokens.data(), tokens.size());
+    remat::test::write_mt_shard(dir_ + "/train.bin", 4000, 300, 99);
   }
   static void TearDownTestSuite() {
     // REMAT_KEEP_TEST_FILES=1 keeps the runs' files for a look after a failure.
@@ -147,25 +73,8 @@ class CliTest : public ::testing::Test {
 
   // A short tiny-model run on the test shard, plus `extra` (later options win).
   static std::vector<std::string> train(const std::vector<std::string>& extra) {
-    std::vector<std::string> a = {"train",
-                                  "--model",
-                                  "tiny",
-                                  "--vocab",
-                                  "300",
-                                  "--data",
-                                  dir_ + "/train.bin",
-                                  "--batch",
-                                  "2",
-                                  "--seq",
-                                  "16",
-                                  "--steps",
-                                  "4",
-                                  "--eval-every",
-                                  "0",
-                                  "--sample-tokens",
-                                  "0",
-                                  "--out",
-                                  dir_ + "/out_default"};
+    std::vector<std::string> a = remat::test::tiny_train_args(dir_ + "/train.bin", 4);
+    a.insert(a.end(), {"--out", dir_ + "/out_default"});
     a.insert(a.end(), extra.begin(), extra.end());
     return a;
   }

@@ -31,6 +31,7 @@
 #include "io/llmc_model.h"
 #include "io/shards.h"
 #include "io/train_state.h"
+#include "tests/test_util.h"
 
 namespace fs = std::filesystem;
 
@@ -38,61 +39,12 @@ namespace {
 
 constexpr int kSteps = 40;  // every run in this file trains toward step 40
 
-// ---- child processes ----
+// ---- child processes (tests/test_util.h) ----
 
-struct Child {
-  pid_t pid = -1;
-  std::string out, err;  // files holding its stdout and stderr
-};
-
-// Starts REMAT_BINARY with `args`, stdout and stderr going to files `<base>.out`/`<base>.err`.
-Child spawn(const std::vector<std::string>& args, const std::string& base) {
-  Child c;
-  c.out = base + ".out";
-  c.err = base + ".err";
-  std::vector<std::string> full = {REMAT_BINARY};
-  full.insert(full.end(), args.begin(), args.end());
-  std::vector<char*> argv;
-  for (std::string& a : full) argv.push_back(a.data());
-  argv.push_back(nullptr);
-  c.pid = ::fork();
-  if (c.pid == 0) {
-    const int fo = ::open(c.out.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
-    const int fe = ::open(c.err.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
-    if (fo < 0 || fe < 0) ::_exit(126);
-    ::dup2(fo, 1);
-    ::dup2(fe, 2);
-    ::signal(SIGINT, SIG_DFL);
-    ::signal(SIGTERM, SIG_DFL);
-    ::execv(argv[0], argv.data());
-    ::_exit(127);
-  }
-  return c;
-}
-
-// Waits for the child; SIGKILLs it and fails the test after `timeout_s`. Returns the status.
-int wait_child(const Child& c, double timeout_s = 300) {
-  const auto deadline = std::chrono::steady_clock::now() + std::chrono::duration<double>(timeout_s);
-  int status = 0;
-  while (true) {
-    const pid_t r = ::waitpid(c.pid, &status, WNOHANG);
-    if (r == c.pid) return status;
-    if (std::chrono::steady_clock::now() > deadline) {
-      ::kill(c.pid, SIGKILL);
-      ::waitpid(c.pid, &status, 0);
-      ADD_FAILURE() << "remat did not finish within " << timeout_s << " s";
-      return status;
-    }
-    std::this_thread::sleep_for(std::chrono::microseconds(200));
-  }
-}
-
-std::string slurp(const std::string& path) {
-  std::ifstream f(path, std::ios::binary);
-  std::stringstream s;
-  s << f.rdbuf();
-  return s.str();
-}
+using remat::test::Child;
+using remat::test::slurp;
+using remat::test::spawn;
+using remat::test::wait_child;
 
 std::string describe(int status, const Child& c) {
   std::string s;
@@ -150,10 +102,7 @@ class CrashTest : public ::testing::Test {
     char tmpl[] = "/tmp/remat_crash_XXXXXX";
     ASSERT_NE(::mkdtemp(tmpl), nullptr);
     dir_ = tmpl;
-    std::mt19937 rng(1234);
-    std::vector<uint16_t> tokens(20000);
-    for (auto& t : tokens) t = static_cast<uint16_t>(rng() % 300);
-    remat::write_shard(dir_ + "/train.bin", tokens.data(), tokens.size());
+    remat::test::write_mt_shard(dir_ + "/train.bin", 20000, 300, 1234);
 
     run_ok(args({"--out", dir_ + "/ref", "--log", dir_ + "/ref.jsonl"}), dir_ + "/ref");
     ref_losses_ = read_losses(dir_ + "/ref.jsonl");
@@ -170,25 +119,8 @@ class CrashTest : public ::testing::Test {
 
   // The common arguments of every run, plus `extra`.
   static std::vector<std::string> args(const std::vector<std::string>& extra) {
-    std::vector<std::string> a = {"train",
-                                  "--model",
-                                  "tiny",
-                                  "--vocab",
-                                  "300",
-                                  "--data",
-                                  dir_ + "/train.bin",
-                                  "--batch",
-                                  "2",
-                                  "--seq",
-                                  "16",
-                                  "--steps",
-                                  std::to_string(kSteps),
-                                  "--eval-every",
-                                  "0",
-                                  "--sample-tokens",
-                                  "0",
-                                  "--seed",
-                                  "7"};
+    std::vector<std::string> a = remat::test::tiny_train_args(dir_ + "/train.bin", kSteps);
+    a.insert(a.end(), {"--seed", "7"});
     a.insert(a.end(), extra.begin(), extra.end());
     return a;
   }

@@ -65,7 +65,8 @@ struct GoldenRun {
   uint64_t params_hash = 0;         // after the last step
 };
 
-GoldenRun train(const Shape& s, const std::string& shard, const std::string& policy, int lookahead) {
+GoldenRun train(const Shape& s, const std::string& shard, const std::string& policy,
+                int lookahead) {
   GPT2Config c = test::tiny_config(s.layers);
   c.channels = s.channels;
   c.num_heads = s.heads;
@@ -100,8 +101,14 @@ struct Golden {
 };
 constexpr uint64_t kGoldenFingerprint = 0x24d07e84c2aabf35ull;
 const Golden kGolden[] = {
-    {"L3C32", {0x4087121a, 0x4087ab34, 0x4085a362, 0x40863031, 0x40875c81}, 0xfe487552a7b7abdaull, 0x37ca15a8db3693b4ull},
-    {"L4C64", {0x40862a52, 0x40888e8e, 0x40868909, 0x4086e149, 0x4087b462}, 0x6e49a21b59074234ull, 0x09d8a3d14fa82042ull},
+    {"L3C32",
+     {0x4087121a, 0x4087ab34, 0x4085a362, 0x40863031, 0x40875c81},
+     0xfe487552a7b7abdaull,
+     0x37ca15a8db3693b4ull},
+    {"L4C64",
+     {0x40862a52, 0x40888e8e, 0x40868909, 0x4086e149, 0x4087b462},
+     0x6e49a21b59074234ull,
+     0x09d8a3d14fa82042ull},
 };
 
 // Half way between the activation peaks of none and full at this look-ahead.
@@ -111,10 +118,10 @@ std::string budget_spec(const Shape& s, int lookahead) {
   c.num_heads = s.heads;
   ScheduleOptions so;
   so.lookahead = lookahead;
-  const uint64_t none = dry_run_activation_peak(c, s.B, s.T, parse_plan("none", c),
-                                                ActDType::kFP32, so);
-  const uint64_t full = dry_run_activation_peak(c, s.B, s.T, parse_plan("full", c),
-                                                ActDType::kFP32, so);
+  const uint64_t none =
+      dry_run_activation_peak(c, s.B, s.T, parse_plan("none", c), ActDType::kFP32, so);
+  const uint64_t full =
+      dry_run_activation_peak(c, s.B, s.T, parse_plan("full", c), ActDType::kFP32, so);
   return "budget:" + std::to_string((none + full) / 2);
 }
 
@@ -123,14 +130,16 @@ TEST(Golden, EveryPresetAndLookaheadMatchesTheHandWrittenSchedule) {
   test::write_random_shard(dir / "d.bin", 6000, 67, 21);
   const bool record = std::getenv("REMAT_GOLDEN_RECORD") != nullptr;
   const uint64_t fp = fingerprint();
-  if (record) std::printf("constexpr uint64_t kGoldenFingerprint = 0x%016llxull;\n",
-                          static_cast<unsigned long long>(fp));
+  if (record)
+    std::printf("constexpr uint64_t kGoldenFingerprint = 0x%016llxull;\n",
+                static_cast<unsigned long long>(fp));
   const bool same_machine = fp == kGoldenFingerprint;
   if (!same_machine && !record)
-    std::printf("note: this machine's CPU arithmetic (fingerprint 0x%016llx) differs from the "
-                "one the golden values were recorded on; comparing presets with each other "
-                "only\n",
-                static_cast<unsigned long long>(fp));
+    std::printf(
+        "note: this machine's CPU arithmetic (fingerprint 0x%016llx) differs from the "
+        "one the golden values were recorded on; comparing presets with each other "
+        "only\n",
+        static_cast<unsigned long long>(fp));
   for (const Shape& s : kShapes) {
     const GoldenRun none = train(s, dir / "d.bin", "none", 1);
     if (record) {

@@ -78,8 +78,7 @@ TEST(Replay, GPT2ReplaysTheSmallestSubProgram) {
   EXPECT_EQ(at("qkv", 1), "qkv");                         // ln1 kept: read
   EXPECT_EQ(at("qkv+ln1", 1), "residual_ln1(norm) qkv");  // ln1 rebuilt first
   EXPECT_EQ(at("gelu", 2), "gelu");
-  EXPECT_EQ(at("full", 1),
-            "residual_ln1(norm) qkv attn attproj residual_ln2 fch gelu");
+  EXPECT_EQ(at("full", 1), "residual_ln1(norm) qkv attn attproj residual_ln2 fch gelu");
   // The fused op replays once for r2 and ln2 together.
   const Plan both = parse_plan("r2+ln2", c), r2 = parse_plan("r2", c), ln2 = parse_plan("ln2", c);
   const CostModel m;
@@ -102,7 +101,9 @@ struct Toy {
   int L = 3, C = 16, V = 37, Vp = 64, maxT = 8;
   // Layout: wte, wpe, then per block [norm w, norm b, up (2C x C), down (C x 2C)], final norm.
   size_t block_params() const { return 2 * C + 2 * C * C + 2 * C * C; }
-  size_t num_params() const { return size_t(Vp) * C + size_t(maxT) * C + L * block_params() + 2 * C; }
+  size_t num_params() const {
+    return size_t(Vp) * C + size_t(maxT) * C + L * block_params() + 2 * C;
+  }
 
   std::shared_ptr<const Program> program(int B, int T) const {
     ProgramBuilder b(B, T);
@@ -208,9 +209,9 @@ TEST(ToyFamily, EveryPolicyTrainsBitwiseLikeNone) {
     EXPECT_LT(full, none);
     return "budget:" + std::to_string((none + full) / 2);
   };
-  for (const std::string& name : {std::string("selective"), std::string("full"),
-                                  std::string("u+w"), std::string("every:2"),
-                                  std::string("full,1=none"), std::string("budget")}) {
+  for (const std::string& name :
+       {std::string("selective"), std::string("full"), std::string("u+w"), std::string("every:2"),
+        std::string("full,1=none"), std::string("budget")}) {
     for (int la : {0, 1, 2}) {
       const std::string p = name == "budget" ? budget(la) : name;
       SCOPED_TRACE(p + " lookahead " + std::to_string(la));
