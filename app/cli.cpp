@@ -39,8 +39,7 @@ bool Options::parse(int argc, const char* const* argv, int first) {
     }
     auto it = opts_.find(name);
     if (it == opts_.end())
-      throw Error("unknown option --" + name + " (see remat " + command_ +
-                  " --help)");
+      throw Error("unknown option --" + name + " (see remat " + command_ + " --help)");
     if (it->second.is_flag) {
       if (has_value) throw Error("--" + name + " takes no value");
       values_[name] = "1";
@@ -105,11 +104,19 @@ int Options::get_positive(const std::string& name) const {
   return static_cast<int>(x);
 }
 
+uint64_t Options::get_seed(const std::string& name) const {
+  const long long x = get_int(name);
+  if (x < 0)
+    throw Error("--" + name + " must be between 0 and " + std::to_string(LLONG_MAX) + ", got " +
+                std::to_string(x));
+  return static_cast<uint64_t>(x);
+}
+
 int Options::get_count(const std::string& name) const {
   const long long x = get_int(name);
   if (x < 0 || x > INT_MAX)
-    throw Error("--" + name + " must be between 0 and " +
-                std::to_string(INT_MAX) + ", got " + std::to_string(x));
+    throw Error("--" + name + " must be between 0 and " + std::to_string(INT_MAX) + ", got " +
+                std::to_string(x));
   return static_cast<int>(x);
 }
 

@@ -1,6 +1,7 @@
 // Command-line options of the remat subcommands: declared once with defaults and help, parsed
 // strictly (an unknown option or a malformed value is an error naming it).
 #pragma once
+#include <cstdint>
 #include <map>
 #include <string>
 #include <vector>
@@ -26,6 +27,9 @@ class Options {
   // An integer >= 1 (sizes: --batch, --seq), or an error naming the option and the value.
   int get_positive(const std::string& name) const;
   long long get_int(const std::string& name) const;  // Error naming the option if not an integer
+  // A random seed: an integer in [0, LLONG_MAX] (so the value printed back can be given
+  // again), or an error naming the option and the value.
+  uint64_t get_seed(const std::string& name) const;
   double get_double(const std::string& name) const;
   // A non-negative int (a size or a count): Error naming the option when it is not an
   // integer in [0, INT_MAX], so a huge value is never silently cut down.

@@ -3,8 +3,8 @@
 #include <cstring>
 #include <string>
 
-#include "base/error.h"
 #include "app/commands.h"
+#include "base/error.h"
 #ifdef REMAT_WITH_CUDA
 #include "runtime/cuda/cuda_backend.h"
 #endif

@@ -3,12 +3,12 @@
 #include <chrono>
 #include <cstdio>
 
-#include "base/error.h"
 #include "app/cli.h"
 #include "app/commands.h"
-#include "models/gpt2.h"
+#include "base/error.h"
 #include "io/llmc_model.h"
 #include "io/params.h"
+#include "models/gpt2.h"
 #include "models/trainer.h"
 
 namespace remat {
@@ -38,7 +38,8 @@ int cmd_plan(int argc, const char* const* argv) {
       .add("batch", "16", "micro-batch size B")
       .add("seq", "1024", "sequence length T")
       .add("recompute", "none", "checkpoint policy (see remat train --help)")
-      .flag("grad-checkpoint", "the same as --recompute full")
+      .flag("grad-checkpoint",
+            "the same as --recompute full (Hugging Face's gradient_checkpointing=True)")
       .add("dtype", "bf16", "activation type: bf16 (CUDA) or fp32")
       .add("lookahead", "1", "blocks the recompute stream works ahead")
       .flag("json", "print one JSON object");
@@ -46,24 +47,26 @@ int cmd_plan(int argc, const char* const* argv) {
     std::printf("%s", o.help().c_str());
     return 0;
   }
+  REMAT_REQUIRE(o.positional().empty(), "unexpected argument '" + o.positional()[0] +
+                                            "' (every input is an option: see remat plan --help)");
   auto t0 = std::chrono::steady_clock::now();
   const std::string model = o.get("model");
   GPT2Config c;
   if (model.size() > 4 && model.substr(model.size() - 4) == ".bin") {
     c = read_llmc_model(model).config;
   } else {
-    c = preset_config(model, static_cast<int>(o.get_int("vocab")));
+    c = preset_config(model, o.get_count("vocab"));
   }
   const int B = o.get_positive("batch"), T = o.get_positive("seq");
   REMAT_REQUIRE(T <= c.max_seq_len, "--seq " + std::to_string(T) +
-                                      " is longer than the model's "
-                                      "maximum " +
-                                      std::to_string(c.max_seq_len));
+                                        " is longer than the model's "
+                                        "maximum " +
+                                        std::to_string(c.max_seq_len));
   const std::string dts = o.get("dtype");
   REMAT_REQUIRE(dts == "bf16" || dts == "fp32", "--dtype must be bf16 or fp32, got '" + dts + "'");
   const ActDType dt = dts == "bf16" ? ActDType::kBF16 : ActDType::kFP32;
   ScheduleOptions so;
-  so.lookahead = static_cast<int>(o.get_int("lookahead"));
+  so.lookahead = o.get_count("lookahead");
   const CostModel cm = cost_model_for(dt);
   Plan plan = make_plan(recompute_policy(o), c, B, T, dt, so, cm);
   GPT2Runner dry(c, B, T, plan, dt, so, /*dry=*/true);

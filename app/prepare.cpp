@@ -1,10 +1,12 @@
 // `remat prepare`: text files -> llm.c token shards and a tokenizer.
+#include "io/prepare.h"
+
 #include <chrono>
 #include <cstdio>
 
 #include "app/cli.h"
 #include "app/commands.h"
-#include "io/prepare.h"
+#include "base/error.h"
 
 namespace remat {
 
@@ -20,11 +22,20 @@ int cmd_prepare(int argc, const char* const* argv) {
     std::printf("%s", o.help().c_str());
     return 0;
   }
+  // Checked here to name the options (the library's own messages name its parameters).
+  const int vocab = o.get_count("vocab");
+  REMAT_REQUIRE(vocab >= 257 && vocab <= 65536,
+                "--vocab must be between 257 and 65536 (256 bytes, the merges and end-of-text; "
+                "ids fit 16 bits), got " +
+                    o.get("vocab"));
+  const double val_fraction = o.get_double("val-fraction");
+  REMAT_REQUIRE(val_fraction >= 0 && val_fraction < 1,
+                "--val-fraction must be at least 0 and below 1, got " + o.get("val-fraction"));
   std::vector<std::string> inputs = o.positional();
   if (inputs.empty()) inputs.push_back(kDefaultCorpusDir);
   auto t0 = std::chrono::steady_clock::now();
   PrepareResult r =
-      prepare_corpus(inputs, o.get("out"), o.get_count("vocab"), o.get_double("val-fraction"));
+      prepare_corpus(inputs, o.get("out"), vocab, val_fraction);
   double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   std::printf(
       "prepared %lld documents: %lld train tokens (%s), %lld val tokens (%s), "

@@ -23,6 +23,14 @@ int cmd_sample(int argc, const char* const* argv) {
     std::printf("%s", o.help().c_str());
     return 0;
   }
+  REMAT_REQUIRE(o.positional().empty(),
+                "unexpected argument '" + o.positional()[0] +
+                    "' (every input is an option: see remat sample --help)");
+  const int n_tokens = o.get_count("tokens");
+  const double temperature = o.get_double("temperature");
+  REMAT_REQUIRE(temperature >= 0,
+                "--temperature must be >= 0 (0 is greedy), got " + o.get("temperature"));
+  const uint64_t seed = o.get_seed("seed");
   ModelFile mf = read_llmc_model(o.get("model"));
   std::string tp = o.get("tokenizer");
   if (tp.empty() && file_exists(std::string(kDefaultDataDir) + "/tokenizer.bin"))
@@ -38,10 +46,10 @@ int cmd_sample(int argc, const char* const* argv) {
   if (prompt.empty()) prompt.push_back(tok && tok->eot_token() >= 0 ? tok->eot_token() : 0);
   for (int t : prompt)
     REMAT_REQUIRE(t >= 0 && t < mf.config.vocab_size,
-                "prompt token " + std::to_string(t) + " is past the model's vocabulary");
-  std::vector<int> gen = sample_tokens(mf.config, mf.params.data(), prompt, o.get_count("tokens"),
-                                       static_cast<float>(o.get_double("temperature")),
-                                       static_cast<uint64_t>(o.get_int("seed")), 0);
+                  "prompt token " + std::to_string(t) + " is past the model's vocabulary");
+  std::vector<int> gen = sample_tokens(mf.config, mf.params.data(), prompt, n_tokens,
+                                       static_cast<float>(temperature),
+                                       seed, 0);
   std::string outtext = text;
   for (int t : gen) outtext += tok ? tok->decode(t) : std::to_string(t) + " ";
   std::printf("%s\n", outtext.c_str());

@@ -11,16 +11,17 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <optional>
 
-#include "kernels/classifier.h"
-#include "base/error.h"
 #include "app/cli.h"
 #include "app/commands.h"
+#include "base/error.h"
+#include "base/rng.h"
 #include "io/llmc_model.h"
 #include "io/params.h"
 #include "io/prepare.h"
-#include "base/rng.h"
 #include "io/tokenizer.h"
+#include "kernels/classifier.h"
 #include "models/trainer.h"
 #include "profiling/overlap.h"
 #include "profiling/tracer.h"
@@ -28,7 +29,6 @@
 
 namespace remat {
 namespace {
-
 
 std::string dir_of(const std::string& path) {
   size_t slash = path.rfind('/');
@@ -51,8 +51,8 @@ PrepareResult default_corpus() {
   if (file_exists(r.tokenizer_path) && file_exists(std::string(kDefaultDataDir) + "/train_000.bin"))
     return r;
   REMAT_REQUIRE(file_exists(kDefaultCorpusDir),
-              std::string("no --data given and the default corpus ") + kDefaultCorpusDir +
-                  " is missing: install Debian's 'fortunes' package or pass --data");
+                std::string("no --data given and the default corpus ") + kDefaultCorpusDir +
+                    " is missing: install Debian's 'fortunes' package or pass --data");
   std::printf("preparing the default corpus %s into %s (first use)\n", kDefaultCorpusDir,
               kDefaultDataDir);
   return prepare_corpus({kDefaultCorpusDir}, kDefaultDataDir, 512, 0.05);
@@ -135,6 +135,24 @@ void prepare_out_dir(const std::string& out) {
   }
 }
 
+// Where --trace PATH puts the overlap report: PATH with .json replaced by .overlap.json.
+std::string overlap_report_path(const std::string& trace) {
+  std::string r = trace;
+  if (r.size() > 5 && r.substr(r.size() - 5) == ".json") r.resize(r.size() - 5);
+  return r + ".overlap.json";
+}
+
+// For a file written only after training: an error naming `what` now when `path` cannot be
+// written. Opens it for appending (an existing file is left as it is) and removes it again
+// when this made it.
+void check_writable(const std::string& path, const std::string& what) {
+  const bool existed = file_exists(path);
+  FILE* f = std::fopen(path.c_str(), "a");
+  if (!f) throw Error(what + " " + path + ": cannot write it: " + std::strerror(errno));
+  std::fclose(f);
+  if (!existed) std::remove(path.c_str());
+}
+
 std::string json_num(double x) {
   if (!std::isfinite(x)) return "null";
   char b[64];
@@ -175,7 +193,9 @@ int cmd_train(int argc, const char* const* argv) {
       .add("beta2", "0.95", "AdamW beta2")
       .add("eps", "1e-8", "AdamW epsilon")
       .add("grad-clip", "1.0", "max global gradient norm; 0 = off")
-      .add("seed", "1337", "random seed (initialisation, shuffling, sampling)")
+      .add("seed", "1337",
+           "random seed (initialisation, shuffling, sampling); with --resume the state's own "
+           "seed unless given")
       .flag("shuffle", "permute batches and shards each epoch (default: file order)")
       .add("eval-every", "100", "validation interval in steps; 0 = only at start and end")
       .add("eval-batches", "8", "validation batches")
@@ -183,7 +203,9 @@ int cmd_train(int argc, const char* const* argv) {
       .add("sample-tokens", "48", "tokens per sample")
       .add("out", "out", "checkpoint directory (state.bin and llm.c model.bin)")
       .add("ckpt-every", "0", "checkpoint interval in steps; 0 = only at the end")
-      .add("resume", "", "training state file to continue from (bit for bit)")
+      .add("resume", "",
+           "training state file to continue from, bit for bit: the run takes the seed the "
+           "state records, and a different --seed is refused")
       .add("device", "auto", "auto (CUDA when a GPU is found), cpu or cuda")
       .add("dtype", "auto", "auto (bf16 on CUDA, fp32 on the CPU), bf16 or fp32 (CUDA: TF32 off)")
       .add("log", "", "append one JSON object per step to this file")
@@ -206,8 +228,8 @@ int cmd_train(int argc, const char* const* argv) {
     std::printf("%s", o.help().c_str());
     return 0;
   }
-  REMAT_REQUIRE(o.positional().empty(),
-              "remat train: unexpected argument '" + o.positional()[0] + "'");
+  REMAT_REQUIRE(o.positional().empty(), "unexpected argument '" + o.positional()[0] +
+                                            "' (every input is an option: see remat train --help)");
 
   // Device.
   BackendChoice bc = choose_backend(o.get("device"), o.get("dtype"));
@@ -233,7 +255,7 @@ int cmd_train(int argc, const char* const* argv) {
   const std::string model = o.get("model");
   GPT2Config c;
   std::vector<float> params;
-  const uint64_t seed = static_cast<uint64_t>(o.get_int("seed"));
+  uint64_t seed = o.get_seed("seed");
   if (model.size() > 4 && model.substr(model.size() - 4) == ".bin") {
     ModelFile mf = read_llmc_model(model);
     c = mf.config;
@@ -242,22 +264,41 @@ int cmd_train(int argc, const char* const* argv) {
     int vocab = o.get_count("vocab");
     if (vocab <= 0 && is_small_preset(model)) {
       REMAT_REQUIRE(tok != nullptr, "preset '" + model +
-                                      "' takes its vocabulary from the "
-                                      "tokenizer: pass --tokenizer or --vocab");
+                                        "' takes its vocabulary from the "
+                                        "tokenizer: pass --tokenizer or --vocab");
       vocab = tok->vocab_size();
     }
     c = preset_config(model, vocab);
   }
+
+  // --resume: read the state now, before anything keyed by the seed (shuffling, sampling) is
+  // made, and before a step. Another seed would not continue the run bit for bit.
+  const std::string resume = o.get("resume");
+  std::optional<TrainState> resumed;
+  if (!resume.empty()) {
+    resumed = load_train_state(resume);
+    check_model_matches(c, resumed->config, resume);
+    const std::string was = std::to_string(resumed->rng_seed);
+    if (o.given("seed")) {
+      REMAT_REQUIRE(resumed->rng_seed == seed,
+                    "--seed " + std::to_string(seed) + " differs from --seed " + was + " that " +
+                        resume + " was trained with: pass --seed " + was +
+                        " (or omit --seed) to continue that run");
+    } else if (resumed->rng_seed != seed) {
+      seed = resumed->rng_seed;
+      std::printf("seed: %s, the one %s records\n", was.c_str(), resume.c_str());
+    }
+  }
   const int B = o.get_positive("batch"), T = o.get_positive("seq");
   REMAT_REQUIRE(T <= c.max_seq_len, "--seq " + std::to_string(T) +
-                                      " is longer than the model's "
-                                      "maximum sequence length " +
-                                      std::to_string(c.max_seq_len));
+                                        " is longer than the model's "
+                                        "maximum sequence length " +
+                                        std::to_string(c.max_seq_len));
   long long total = o.get_int("total-batch");
   if (total <= 0) total = (long long)B * T;
   REMAT_REQUIRE(total % ((long long)B * T) == 0,
-              "--total-batch " + std::to_string(total) +
-                  " is not a multiple of B*T = " + std::to_string((long long)B * T));
+                "--total-batch " + std::to_string(total) +
+                    " is not a multiple of B*T = " + std::to_string((long long)B * T));
   const int accum = static_cast<int>(total / ((long long)B * T));
 
   Hyper h;
@@ -265,7 +306,7 @@ int cmd_train(int argc, const char* const* argv) {
   h.warmup = o.get_count("warmup");
   const std::string sched = o.get("schedule");
   REMAT_REQUIRE(sched == "constant" || sched == "cosine",
-              "--schedule must be constant or cosine, got '" + sched + "'");
+                "--schedule must be constant or cosine, got '" + sched + "'");
   h.cosine = sched == "cosine";
   h.final_frac = static_cast<float>(o.get_double("lr-final-frac"));
   h.weight_decay = static_cast<float>(o.get_double("weight-decay"));
@@ -273,10 +314,9 @@ int cmd_train(int argc, const char* const* argv) {
   h.beta2 = static_cast<float>(o.get_double("beta2"));
   h.eps = static_cast<float>(o.get_double("eps"));
   h.grad_clip = static_cast<float>(o.get_double("grad-clip"));
-  REMAT_REQUIRE(h.grad_clip >= 0, "--grad-clip must be >= 0 (0 turns clipping off), got " +
-                                      o.get("grad-clip"));
+  REMAT_REQUIRE(h.grad_clip >= 0,
+                "--grad-clip must be >= 0 (0 turns clipping off), got " + o.get("grad-clip"));
   const int steps = o.get_count("steps");
-  REMAT_REQUIRE(steps >= 0, "--steps must be >= 0");
   h.total_steps = steps;
 
   ScheduleOptions so;
@@ -303,12 +343,11 @@ int cmd_train(int argc, const char* const* argv) {
   } catch (const Error& e) {
     const std::string what = e.what();
     if (what.find("out of memory") == std::string::npos) throw;
-    throw Error(
-        what + "\n  while setting up --recompute " + policy + " (" +
-        format_bytes(bytes_needed(c, B, T, plan, so, be.dtype())) +
-        " planned); --recompute full needs " +
-        format_bytes(bytes_needed(c, B, T, parse_plan("full", c), so, be.dtype())) +
-        ", or give --recompute budget:BYTES with what is free");
+    throw Error(what + "\n  while setting up --recompute " + policy + " (" +
+                format_bytes(bytes_needed(c, B, T, plan, so, be.dtype())) +
+                " planned); --recompute full needs " +
+                format_bytes(bytes_needed(c, B, T, parse_plan("full", c), so, be.dtype())) +
+                ", or give --recompute budget:BYTES with what is free");
   }
   Trainer& tr = *trainer;
   if (const char* e = std::getenv("REMAT_TEST_NAN_STEPS")) {  // test-only: "A" or "A-B"
@@ -316,18 +355,11 @@ int cmd_train(int argc, const char* const* argv) {
     int n = std::sscanf(e, "%lld-%lld", &a, &b);
     tr.inject_nan_steps(a, n == 2 ? b : a);
   }
-  const std::string resume = o.get("resume");
-  if (!resume.empty()) {
-    TrainState st = load_train_state(resume);
-    check_model_matches(c, st.config, resume);
-    // Shuffling and sampling are keyed by the seed: another one would not continue the run.
-    REMAT_REQUIRE(st.rng_seed == seed,
-                  resume + " was trained with --seed " + std::to_string(st.rng_seed) +
-                      ", this run has --seed " + std::to_string(seed) +
-                      ": pass --seed " + std::to_string(st.rng_seed) + " to continue it");
-    tr.restore(st);
-    train.restore(st.loader);
-    std::printf("resumed from %s at step %lld\n", resume.c_str(), (long long)st.step);
+  if (resumed) {
+    tr.restore(*resumed);
+    train.restore(resumed->loader);
+    std::printf("resumed from %s at step %lld\n", resume.c_str(), (long long)resumed->step);
+    resumed.reset();
   }
 
   const std::string out = o.get("out");
@@ -335,7 +367,7 @@ int cmd_train(int argc, const char* const* argv) {
   auto save = [&]() {
     if (out.empty()) return;
     TrainState st = tr.state(train);
-    st.rng_seed = seed;  // the run's --seed: a resume must use the same (checked)
+    st.rng_seed = seed;  // Trainer::state() leaves it 0; a resume takes it (or refuses another)
     save_train_state(out + "/state.bin", st);
     write_llmc_model(out + "/model.bin", c, tr.params().data(), 3);
     std::printf("checkpoint: %s/state.bin, %s/model.bin (step %lld)\n", out.c_str(), out.c_str(),
@@ -358,34 +390,24 @@ int cmd_train(int argc, const char* const* argv) {
   int traced_steps = 0;
   if (!trace_path.empty()) {
     // The trace and its report are written after the traced steps: prove both writable now.
-    for (const std::string& p : {trace_path, trace_path + ".probe"}) {
-      const std::string path = p == trace_path ? p : dir_of(trace_path) + "/.remat_trace_probe";
-      const bool existed = file_exists(path);
-      FILE* f = std::fopen(path.c_str(), "a");
-      REMAT_REQUIRE(f, "--trace " + trace_path + ": cannot write " + path + ": " +
-                           std::strerror(errno));
-      std::fclose(f);
-      if (!existed) std::remove(path.c_str());
-    }
+    check_writable(trace_path, "--trace");
+    check_writable(overlap_report_path(trace_path), "--trace's overlap report");
     const std::string ts = o.get("trace-steps");
     char tail = 0;
     REMAT_REQUIRE(std::sscanf(ts.c_str(), "%lld:%lld%c", &trace_first, &trace_last, &tail) == 2 &&
-                    trace_first >= 1 && trace_last >= trace_first,
-                "--trace-steps must be A:B with 1 <= A <= B, got '" + ts + "'");
+                      trace_first >= 1 && trace_last >= trace_first,
+                  "--trace-steps must be A:B with 1 <= A <= B, got '" + ts + "'");
     if (!o.given("trace-steps")) {
       trace_last = std::min<long long>(trace_last, std::max(steps, 1));
       trace_first = std::min(trace_first, trace_last);
     }
-    REMAT_REQUIRE(trace_last <= steps,
-                "--trace-steps " + ts + " ends after the run's last step " + std::to_string(steps));
+    REMAT_REQUIRE(trace_last <= steps, "--trace-steps " + ts + " ends after the run's last step " +
+                                           std::to_string(steps));
     tracer = std::make_unique<Tracer>();
   }
   auto finish_trace = [&]() {
     if (!tracer || traced_steps == 0) return;
-    std::string report_path = trace_path;
-    if (report_path.size() > 5 && report_path.substr(report_path.size() - 5) == ".json")
-      report_path.resize(report_path.size() - 5);
-    report_path += ".overlap.json";
+    const std::string report_path = overlap_report_path(trace_path);
     tracer->write_chrome_json(trace_path);
     const OverlapReport rep = overlap_report(tracer->data(), tr.runner().main_stream()->id(),
                                              tr.runner().side_stream()->id());

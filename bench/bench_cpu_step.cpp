@@ -14,9 +14,9 @@
 #include <cstring>
 #include <string>
 
-#include "kernels/gemm.h"
 #include "io/params.h"
 #include "io/shards.h"
+#include "kernels/gemm.h"
 #include "models/trainer.h"
 
 using namespace remat;
@@ -93,8 +93,8 @@ int main(int argc, char** argv) {
   std::printf("GPT-2 124M, B=%d T=%d, %d OpenMP threads, %d timed steps\n", B, T, threads, steps);
   Timing fast = run(c, dir + "/d.bin", B, T, steps, false);
   if (!baseline) {  // --no-baseline: the blocked step alone (no naive step, no check)
-    std::printf("remat blocked sgemm: first-step loss %.6f, min %.0f ms, mean %.0f ms\n",
-                fast.loss, fast.ms_min, fast.ms_mean);
+    std::printf("remat blocked sgemm: first-step loss %.6f, min %.0f ms, mean %.0f ms\n", fast.loss,
+                fast.ms_min, fast.ms_mean);
     std::remove((dir + "/d.bin").c_str());
     rmdir(dir.c_str());
     return 0;

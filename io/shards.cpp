@@ -6,8 +6,8 @@
 #include <climits>
 
 #include "base/error.h"
-#include "io/atomic_file.h"
 #include "base/rng.h"
+#include "io/atomic_file.h"
 
 namespace remat {
 namespace {

@@ -3,8 +3,9 @@
 //
 // Layout (little endian): uint32 magic 0x54534D52 ('RMST'), uint32 version 1; int32 maxT, V,
 // Vp, L, NH, C; int64 step; int64 loader epoch, shard, batch_in_shard; uint64 rng_seed,
-// uint64 reserved (written 0, ignored on read: once a counter nothing used); uint64 lengths of params, m, v (floats) and extra_json (bytes); the params, m
-// and v arrays (fp32); the extra_json bytes; then a uint64 FNV-1a hash of every byte before it.
+// uint64 reserved (written 0, ignored on read: once a counter nothing used); uint64 lengths of
+// params, m, v (floats) and extra_json (bytes); the params, m and v arrays (fp32); the extra_json
+// bytes; then a uint64 FNV-1a hash of every byte before it.
 #pragma once
 #include <cstdint>
 #include <string>
@@ -24,8 +25,10 @@ struct TrainState {
   std::vector<float> params;  // (num_params(config))
   std::vector<float> m, v;    // AdamW moments: empty (none yet) or (num_params(config))
   LoaderState loader;         // where the training data loader stands
-  uint64_t rng_seed = 0;      // the run's --seed (shuffling, sampling); a resume must match it
-  std::string extra_json;  // free text owned by the trainer (e.g. hyperparameters)
+  // The run's --seed (initialisation, shuffling, sampling): a resume takes it, and refuses
+  // another given --seed. States written before remat recorded it hold 0.
+  uint64_t rng_seed = 0;
+  std::string extra_json;     // free text owned by the trainer (e.g. hyperparameters)
 };
 
 // Writes atomically (io/atomic_file.h). Refuses with an Error -- writing nothing -- if the

@@ -3,11 +3,11 @@
 #include <cmath>
 #include <cstring>
 
+#include "base/rng.h"
+#include "io/params.h"
 #include "kernels/adamw.h"
 #include "kernels/common.h"
-#include "base/rng.h"
 #include "kernels/gradnorm.h"
-#include "io/params.h"
 #include "runtime/nvtx.h"
 
 namespace remat {

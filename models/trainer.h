@@ -7,9 +7,9 @@
 #include <vector>
 
 #include "io/config.h"
-#include "models/gpt2.h"
 #include "io/shards.h"
 #include "io/train_state.h"
+#include "models/gpt2.h"
 
 namespace remat {
 

@@ -354,7 +354,8 @@ std::string chrome_trace_json(const TraceData& d) {
   for (const TraceRecord& r : d.records) {
     const char* label = r.op.label ? r.op.label : "";
     std::string e = R"("ph":"X","pid":1,"tid":)" + std::to_string(r.op.stream_id) +
-                    ",\"name\":" + quoted(label) + ",\"cat\":\"" + trace_category_name(trace_category(label)) +
+                    ",\"name\":" + quoted(label) + ",\"cat\":\"" +
+                    trace_category_name(trace_category(label)) +
                     "\",\"ts\":" + micros(r.op.start_ns - t0) +
                     ",\"dur\":" + micros(r.op.end_ns - r.op.start_ns) +
                     ",\"args\":{\"block\":" + std::to_string(r.op.block) +

@@ -13,8 +13,8 @@
 #include <string>
 #include <vector>
 
-#include "runtime/trace_sink.h"
 #include "runtime/arena.h"
+#include "runtime/trace_sink.h"
 
 namespace remat {
 

@@ -16,13 +16,12 @@
 // - The caller synchronizes every stream that used a block before destroying the arena.
 #include "runtime/arena.h"
 
-#include "base/bytes.h"
-
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
 #include <limits>
 
+#include "base/bytes.h"
 #include "kernels/common.h"
 
 namespace remat {
@@ -247,8 +246,8 @@ void Arena::free(Block& b, Stream* stream) {
 }
 
 void Arena::rewind() {
-  REMAT_CHECK(stats_.live_bytes == 0, "arena: rewind with " +
-                                          std::to_string(stats_.live_bytes) + " bytes live");
+  REMAT_CHECK(stats_.live_bytes == 0,
+              "arena: rewind with " + std::to_string(stats_.live_bytes) + " bytes live");
   free_.clear();
   top_ = 0;
 }

@@ -41,21 +41,22 @@ MemoryResource* cpu_memory();  // process-wide host resource
 
 struct Block {
   size_t offset = 0;
-  size_t bytes = 0;      // rounded up to Arena::kAlign
-  void* ptr = nullptr;   // nullptr in a dry run
+  size_t bytes = 0;     // rounded up to Arena::kAlign
+  void* ptr = nullptr;  // nullptr in a dry run
   Usage usage = Usage::kActivation;
   bool valid() const { return bytes != 0; }
   float* f32() const { return static_cast<float*>(ptr); }
 };
 
 struct ArenaStats {
-  size_t live_bytes = 0;                           // all usages, now
-  size_t peak_bytes = 0;                           // high-water of live_bytes
-  std::array<size_t, 2> live_by_usage{};           // indexed by Usage
-  std::array<size_t, 2> peak_by_usage{};           // high-water of each usage alone
-  std::array<size_t, kNumPhases> peak_in_phase{};  // high-water of live_bytes during allocs of each phase
+  size_t live_bytes = 0;                  // all usages, now
+  size_t peak_bytes = 0;                  // high-water of live_bytes
+  std::array<size_t, 2> live_by_usage{};  // indexed by Usage
+  std::array<size_t, 2> peak_by_usage{};  // high-water of each usage alone
+  std::array<size_t, kNumPhases>
+      peak_in_phase{};  // high-water of live_bytes during allocs of each phase
   std::array<size_t, kNumPhases> activation_peak_in_phase{};  // same, activations only
-  size_t extent_peak = 0;                          // highest offset + bytes ever handed out
+  size_t extent_peak = 0;  // highest offset + bytes ever handed out
   uint64_t allocs = 0, frees = 0, cross_stream_waits = 0;
 };
 
@@ -92,7 +93,10 @@ class Arena {
   // Called (host side, in program order) after every alloc and free with the live bytes;
   // the tracer's memory counter. nullptr = off.
   using LiveHook = void (*)(void* ctx, size_t live_bytes, size_t live_activation_bytes);
-  void set_live_hook(LiveHook hook, void* ctx) { hook_ = hook; hook_ctx_ = ctx; }
+  void set_live_hook(LiveHook hook, void* ctx) {
+    hook_ = hook;
+    hook_ctx_ = ctx;
+  }
 
  private:
   // Events after which a region's bytes are free, one per freeing stream; held inline, as
@@ -116,8 +120,8 @@ class Arena {
   size_t capacity_;
   MemoryResource* memory_;
   char* base_ = nullptr;
-  size_t top_ = 0;                  // bytes [top_, capacity_) never handed out yet
-  std::vector<FreeRegion> free_;    // sorted by offset, coalesced
+  size_t top_ = 0;                // bytes [top_, capacity_) never handed out yet
+  std::vector<FreeRegion> free_;  // sorted by offset, coalesced
   ArenaStats stats_;
   LiveHook hook_ = nullptr;
   void* hook_ctx_ = nullptr;

@@ -1,15 +1,15 @@
 // The CPU reference backend (runtime/backend.h): fp32 everywhere, each op a closure on a CPU
 // stream's worker thread calling the reference kernels of kernels/cpu/.
 #include <cmath>
+#include <condition_variable>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
-#include <mutex>
-#include <thread>
-#include <condition_variable>
 #include <deque>
 #include <exception>
 #include <functional>
+#include <mutex>
+#include <thread>
 
 #include "kernels/attention.h"
 #include "kernels/classifier.h"
@@ -157,8 +157,12 @@ class CpuBackend final : public Backend {
 #endif
 
  public:
-  const char* name() const override { return "cpu"; }
-  ActDType dtype() const override { return ActDType::kFP32; }
+  const char* name() const override {
+    return "cpu";
+  }
+  ActDType dtype() const override {
+    return ActDType::kFP32;
+  }
   std::string describe() const override {
     return "CPU backend, fp32, " + std::to_string(std::thread::hardware_concurrency()) +
            " hardware threads";
@@ -167,7 +171,9 @@ class CpuBackend final : public Backend {
   std::unique_ptr<Stream> make_stream(const std::string& name, int id) override {
     return make_cpu_stream(name, id);
   }
-  MemoryResource* memory() override { return cpu_memory(); }
+  MemoryResource* memory() override {
+    return cpu_memory();
+  }
 
   // MemAvailable, lowered to what a cgroup limit leaves.
   uint64_t available_bytes() const override {
@@ -191,17 +197,27 @@ class CpuBackend final : public Backend {
                                   " bytes of host memory for " + what);
     return p;
   }
-  void release(void* p) override { std::free(p); }
-  void upload(void* dst, const void* src, size_t bytes) override { std::memcpy(dst, src, bytes); }
-  void download(void* dst, const void* src, size_t bytes) override { std::memcpy(dst, src, bytes); }
+  void release(void* p) override {
+    std::free(p);
+  }
+  void upload(void* dst, const void* src, size_t bytes) override {
+    std::memcpy(dst, src, bytes);
+  }
+  void download(void* dst, const void* src, size_t bytes) override {
+    std::memcpy(dst, src, bytes);
+  }
   void upload_elems(void* dst, const float* src, size_t n) override {
     std::memcpy(dst, src, n * 4);
   }
   void download_elems(float* dst, const void* src, size_t n) override {
     std::memcpy(dst, src, n * 4);
   }
-  void* alloc_host(size_t bytes) override { return alloc(bytes, "host staging"); }
-  void release_host(void* p) override { std::free(p); }
+  void* alloc_host(size_t bytes) override {
+    return alloc(bytes, "host staging");
+  }
+  void release_host(void* p) override {
+    std::free(p);
+  }
 
   void reserve_scratch(int, int, int, int, int) override {}  // the CPU kernels need none
 
@@ -223,23 +239,26 @@ class CpuBackend final : public Backend {
 
   void encoder_forward(Stream* s, void* out, const int* tok, const void* wte, const void* wpe,
                        int B, int T, int C) override {
-    compute(s, [=] { cpu::encoder_forward(F(out), tok, F(wte), F(wpe), B, T, C); }, "fwd.encoder");
+    compute(
+        s, [=] { cpu::encoder_forward(F(out), tok, F(wte), F(wpe), B, T, C); }, "fwd.encoder");
   }
   void encoder_backward(Stream* s, void* dwte, void* dwpe, const void* dout, const int* tok, int B,
                         int T, int C, int /*Vp*/) override {
-    compute(s, [=] { cpu::encoder_backward(F(dwte), F(dwpe), F(dout), tok, B, T, C); },
-              "bwd.encoder");
+    compute(
+        s, [=] { cpu::encoder_backward(F(dwte), F(dwpe), F(dout), tok, B, T, C); }, "bwd.encoder");
   }
   void layernorm_forward(Stream* s, void* out, float* mean, float* rstd, const void* inp,
                          const void* w, const void* b, int N, int C, const char* label,
                          int block) override {
-    compute(s, [=] { cpu::layernorm_forward(F(out), mean, rstd, F(inp), F(w), F(b), N, C); }, label,
-              block);
+    compute(
+        s, [=] { cpu::layernorm_forward(F(out), mean, rstd, F(inp), F(w), F(b), N, C); }, label,
+        block);
   }
   void residual_layernorm_forward(Stream* s, void* residual, void* out, float* mean, float* rstd,
                                   const void* x, const void* y, const void* w, const void* b, int N,
                                   int C, const char* label, int block) override {
-    compute(s, 
+    compute(
+        s,
         [=] {
           cpu::residual_layernorm_forward(F(residual), F(out), mean, rstd, F(x), F(y), F(w), F(b),
                                           N, C);
@@ -249,7 +268,8 @@ class CpuBackend final : public Backend {
   void layernorm_backward(Stream* s, void* dinp, void* dw, void* db, const void* dout,
                           const void* inp, const void* w, const float* mean, const float* rstd,
                           int N, int C, const char* label, int block) override {
-    compute(s, 
+    compute(
+        s,
         [=] {
           cpu::layernorm_backward(F(dinp), F(dw), F(db), F(dout), F(inp), F(w), mean, rstd, N, C);
         },
@@ -257,37 +277,43 @@ class CpuBackend final : public Backend {
   }
   void matmul_forward(Stream* s, void* out, const void* inp, const void* w, const void* bias, int N,
                       int C, int OC, const char* label, int block) override {
-    compute(s, [=] { cpu::matmul_forward(F(out), F(inp), F(w), F(bias), N, C, OC); }, label, block);
+    compute(
+        s, [=] { cpu::matmul_forward(F(out), F(inp), F(w), F(bias), N, C, OC); }, label, block);
   }
   void matmul_backward(Stream* s, void* dinp, void* dw, void* dbias, const void* dout,
                        const void* inp, const void* w, int N, int C, int OC, const char* label,
                        int block) override {
-    compute(s, 
-        [=] { cpu::matmul_backward(F(dinp), F(dw), F(dbias), F(dout), F(inp), F(w), N, C, OC); },
+    compute(
+        s, [=] { cpu::matmul_backward(F(dinp), F(dw), F(dbias), F(dout), F(inp), F(w), N, C, OC); },
         label, block);
   }
   void gelu_forward(Stream* s, void* out, const void* inp, size_t n, const char* label,
                     int block) override {
-    compute(s, [=] { cpu::gelu_forward(F(out), F(inp), n); }, label, block);
+    compute(
+        s, [=] { cpu::gelu_forward(F(out), F(inp), n); }, label, block);
   }
   void gelu_backward(Stream* s, void* dinp, const void* inp, const void* dout, size_t n,
                      const char* label, int block) override {
-    compute(s, [=] { cpu::gelu_backward(F(dinp), F(inp), F(dout), n); }, label, block);
+    compute(
+        s, [=] { cpu::gelu_backward(F(dinp), F(inp), F(dout), n); }, label, block);
   }
   void attention_forward(Stream* s, void* out, float* lse, const void* qkv, int B, int T, int C,
                          int NH, const char* label, int block) override {
-    compute(s, [=] { cpu::attention_forward(F(out), lse, F(qkv), B, T, C, NH); }, label, block);
+    compute(
+        s, [=] { cpu::attention_forward(F(out), lse, F(qkv), B, T, C, NH); }, label, block);
   }
   void attention_backward(Stream* s, void* dqkv, const void* dout, const void* qkv, const void* out,
                           const float* lse, int B, int T, int C, int NH, const char* label,
                           int block) override {
-    compute(s, [=] { cpu::attention_backward(F(dqkv), F(dout), F(qkv), F(out), lse, B, T, C, NH); },
-              label, block);
+    compute(
+        s, [=] { cpu::attention_backward(F(dqkv), F(dout), F(qkv), F(out), lse, B, T, C, NH); },
+        label, block);
   }
   void classifier(Stream* s, float* losses, void* dx, void* dwte, const void* x, const void* wte,
                   const int* targets, int N, int C, int V, int Vp, float dloss, void* workspace,
                   int chunk_rows, float* mean_loss_host) override {
-    compute(s, 
+    compute(
+        s,
         [=] {
           *mean_loss_host =
               cpu::classifier_forward_backward(losses, F(dx), F(dwte), F(x), F(wte), targets, N, C,
@@ -297,20 +323,23 @@ class CpuBackend final : public Backend {
   }
   void classifier_logits(Stream* s, float* host_logits, const void* x, const void* wte, int N,
                          int C, int V, int Vp) override {
-    compute(s, [=] { cpu::classifier_logits(host_logits, F(x), F(wte), N, C, V, Vp); },
-              "classifier.logits");
+    compute(
+        s, [=] { cpu::classifier_logits(host_logits, F(x), F(wte), N, C, V, Vp); },
+        "classifier.logits");
     s->synchronize();
   }
 
   double sum_squares(Stream* s, const void* g, size_t n) override {
     double out = 0;
-    compute(s, [&out, g, n] { out = cpu::sum_squares(F(g), n); }, "optimizer.grad_norm");
+    compute(
+        s, [&out, g, n] { out = cpu::sum_squares(F(g), n); }, "optimizer.grad_norm");
     s->synchronize();
     return out;
   }
   void adamw(Stream* s, float* master, float* m, float* v, const void* grads, void* /*params*/,
              size_t n, const cpu::AdamWParams& p) override {
-    compute(s, [=] { cpu::adamw_update(master, m, v, F(grads), n, p); }, "optimizer.adamw");
+    compute(
+        s, [=] { cpu::adamw_update(master, m, v, F(grads), n, p); }, "optimizer.adamw");
   }
 };
 
@@ -345,9 +374,9 @@ int cuda_device_count() {
 
 BackendChoice choose_backend(const std::string& device, const std::string& dtype) {
   REMAT_REQUIRE(device == "auto" || device == "cpu" || device == "cuda",
-              "--device must be auto, cpu or cuda, got '" + device + "'");
+                "--device must be auto, cpu or cuda, got '" + device + "'");
   REMAT_REQUIRE(dtype == "auto" || dtype == "fp32" || dtype == "bf16",
-              "--dtype must be auto, fp32 or bf16, got '" + dtype + "'");
+                "--dtype must be auto, fp32 or bf16, got '" + dtype + "'");
   BackendChoice r;
   bool cuda = device == "cuda";
   if (device == "auto") {
@@ -362,15 +391,15 @@ BackendChoice choose_backend(const std::string& device, const std::string& dtype
   }
   if (!cuda) {
     REMAT_REQUIRE(dtype != "bf16",
-                "--dtype bf16 needs the CUDA backend; the CPU backend computes in fp32");
+                  "--dtype bf16 needs the CUDA backend; the CPU backend computes in fp32");
     r.backend = cpu_backend();
     return r;
   }
   REMAT_REQUIRE(cuda_backend_built(),
-              "--device cuda: this remat was built without CUDA (no nvcc at configure time); "
-              "rebuild with the CUDA toolkit or use --device cpu");
+                "--device cuda: this remat was built without CUDA (no nvcc at configure time); "
+                "rebuild with the CUDA toolkit or use --device cpu");
   REMAT_REQUIRE(cuda_device_count() > 0,
-              "--device cuda: no CUDA device found (driver or GPU missing); use --device cpu");
+                "--device cuda: no CUDA device found (driver or GPU missing); use --device cpu");
   CudaBackendHooks h;
   {
     std::lock_guard<std::mutex> lk(g_registry_mu);

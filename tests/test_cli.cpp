@@ -23,11 +23,11 @@
 #include <thread>
 #include <vector>
 
-#include "kernels/common.h"
 #include "io/atomic_file.h"
 #include "io/llmc_model.h"
 #include "io/shards.h"
 #include "io/train_state.h"
+#include "kernels/common.h"
 #include "tests/test_util.h"
 
 namespace fs = std::filesystem;
@@ -50,11 +50,14 @@ void expect_error(const Result& r, const std::vector<std::string>& what) {
   // A user's error names what is wrong, never a place in remat's sources, and says who
   // speaks once.
   EXPECT_FALSE(contains(r.err, ".cpp:") || contains(r.err, ".h:") || contains(r.err, ".cu:"))
-      << "a source location in a user's error\n" << r.describe();
+      << "a source location in a user's error\n"
+      << r.describe();
   const size_t first = r.err.find(": error: ");
-  EXPECT_TRUE(first != std::string::npos && r.err.find(": error: ", first + 1) == std::string::npos &&
+  EXPECT_TRUE(first != std::string::npos &&
+              r.err.find(": error: ", first + 1) == std::string::npos &&
               r.err.find("remat train: remat") == std::string::npos)
-      << "the prefix twice\n" << r.describe();
+      << "the prefix twice\n"
+      << r.describe();
 }
 
 class CliTest : public ::testing::Test {
@@ -219,7 +222,8 @@ TEST_F(CliTest, BadOptionsAreNamed) {
   expect_error(run(train({"--vocab", "2147483647"}), "o_vocab"), {"2147483647"});
   expect_error(run(train({"stray"}), "o_positional"), {"stray"});
   // One check per option, agreeing with its help.
-  expect_error(run(train({"--batch", "0"}), "o_batch0"), {"--batch must be a positive integer", "got 0"});
+  expect_error(run(train({"--batch", "0"}), "o_batch0"),
+               {"--batch must be a positive integer", "got 0"});
   expect_error(run(train({"--seq", "-3"}), "o_seqneg"), {"--seq must be a positive integer"});
   expect_error(run(train({"--grad-clip", "-1"}), "o_clip"), {"--grad-clip must be >= 0", "-1"});
   expect_error(run(train({"--recompute", "every:0"}), "o_every0"), {"every:0", "1 <= K"});
@@ -238,13 +242,15 @@ TEST_F(CliTest, GradCheckpointIsRecomputeFull) {
   ASSERT_EQ(b.code(), 0) << b.describe();
   auto body = [](const std::string& s) { return s.substr(0, s.find("(planned in")); };
   EXPECT_EQ(body(a.out), body(b.out));
-  const Result t = run(train({"--grad-checkpoint", "--recompute", "full", "--steps", "1"}), "gc_train");
+  const Result t =
+      run(train({"--grad-checkpoint", "--recompute", "full", "--steps", "1"}), "gc_train");
   EXPECT_EQ(t.code(), 0) << t.describe();
   EXPECT_TRUE(contains(t.out, "recompute full")) << t.describe();
 }
 
 TEST_F(CliTest, ResumeWithAnotherSeedIsRefusedBeforeTheFirstStep) {
-  const Result made = run(train({"--out", path("seed_src"), "--steps", "2", "--seed", "5"}), "seed_src");
+  const Result made =
+      run(train({"--out", path("seed_src"), "--steps", "2", "--seed", "5"}), "seed_src");
   ASSERT_EQ(made.code(), 0) << made.describe();
   const std::string state = path("seed_src/state.bin");
   expect_error(run(train({"--resume", state, "--seed", "6"}), "seed_other"),

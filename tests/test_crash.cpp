@@ -26,11 +26,11 @@
 #include <thread>
 #include <vector>
 
-#include "kernels/common.h"
 #include "io/atomic_file.h"
 #include "io/llmc_model.h"
 #include "io/shards.h"
 #include "io/train_state.h"
+#include "kernels/common.h"
 #include "tests/test_util.h"
 
 namespace fs = std::filesystem;

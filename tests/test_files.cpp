@@ -17,15 +17,15 @@
 #include <string>
 #include <vector>
 
-#include "kernels/common.h"
+#include "base/rng.h"
 #include "io/atomic_file.h"
 #include "io/llmc_model.h"
 #include "io/params.h"
 #include "io/prepare.h"
-#include "base/rng.h"
 #include "io/shards.h"
 #include "io/tokenizer.h"
 #include "io/train_state.h"
+#include "kernels/common.h"
 
 namespace remat {
 namespace {

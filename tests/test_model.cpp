@@ -6,9 +6,9 @@
 #include <cstring>
 #include <memory>
 
-#include "models/gpt2.h"
 #include "io/params.h"
 #include "io/train_state.h"
+#include "models/gpt2.h"
 #include "models/trainer.h"
 #include "tests/tiny_model.h"
 
@@ -175,8 +175,8 @@ TEST(Model, ResumeContinuesBitForBit) {
   h.cosine = true;
   h.total_steps = 6;
   auto make = [&] {
-    return std::make_unique<Trainer>(c, 2, 8, 2, h, parse_plan("selective", c),
-                                     ScheduleOptions{}, test::init(c, 5));
+    return std::make_unique<Trainer>(c, 2, 8, 2, h, parse_plan("selective", c), ScheduleOptions{},
+                                     test::init(c, 5));
   };
   DataLoader d1(dir / "d.bin", 2, 8, c.vocab_size, true, 5);
   auto t1 = make();

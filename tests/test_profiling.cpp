@@ -21,9 +21,9 @@
 #include <thread>
 #include <vector>
 
+#include "base/rng.h"
 #include "kernels/common.h"
 #include "models/gpt2.h"
-#include "base/rng.h"
 #include "profiling/overlap.h"
 #include "profiling/tracer.h"
 #include "runtime/plan.h"
@@ -623,8 +623,7 @@ struct TinyRun {
   std::vector<float> grads = std::vector<float>(params.size(), 0.0f);
   std::vector<int> in = test::random_tokens(size_t(B) * T, c.vocab_size, 1);
   std::vector<int> tg = test::random_tokens(size_t(B) * T, c.vocab_size, 2);
-  GPT2Runner runner{
-      c, B, T, parse_plan("full", c), ActDType::kFP32, ScheduleOptions{}, false};
+  GPT2Runner runner{c, B, T, parse_plan("full", c), ActDType::kFP32, ScheduleOptions{}, false};
   float step() {
     return runner.forward_backward(params.data(), grads.data(), in.data(), tg.data(),
                                    1.0f / (B * T));

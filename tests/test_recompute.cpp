@@ -261,7 +261,8 @@ TEST(BrokenSchedule, MissingReadyEventIsCaught) {
     so.verify_recompute = verify;
     Hyper h;
     h.total_steps = 2;
-    Trainer tr(c, B, T, 1, h, parse_plan(broken ? "full" : "none", tiny_config(3)), so, test::init(c, 3));
+    Trainer tr(c, B, T, 1, h, parse_plan(broken ? "full" : "none", tiny_config(3)), so,
+               test::init(c, 3));
     tr.step(data);
     return tr.grads();
   };

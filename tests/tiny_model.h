@@ -7,9 +7,9 @@
 #include <string>
 #include <vector>
 
+#include "base/rng.h"
 #include "io/config.h"
 #include "io/params.h"
-#include "base/rng.h"
 #include "io/shards.h"
 
 namespace remat::test {

@@ -17,8 +17,8 @@
 #include <vector>
 
 #include "kernels/cuda_common.cuh"
-#include "runtime/trace_sink.h"
 #include "runtime/cuda/cupti_trace.h"
+#include "runtime/trace_sink.h"
 
 namespace remat {
 namespace {

@@ -10,10 +10,10 @@
 #include <string>
 #include <vector>
 
-#include "kernels/common.h"
 #include "app/cli.h"
 #include "io/config.h"
 #include "io/llmc_model.h"
+#include "kernels/common.h"
 #include "runtime/plan.h"
 #include "tests/fuzz/fuzz_util.h"
 
@@ -122,11 +122,10 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     // GPT-2's schema (models/gpt2.h), written out so the target needs no model code.
     using C = remat::TensorClass;
     for (int L : {1, 2, 12, 48})
-      out.push_back(remat::PlanSchema{
-          L,
-          {"ln1", "qkv", "attn", "r2", "ln2", "fch", "gelu"},
-          {C::kNorm, C::kMatmul, C::kAttention, C::kResidual, C::kNorm, C::kMatmul,
-           C::kActivation}});
+      out.push_back(remat::PlanSchema{L,
+                                      {"ln1", "qkv", "attn", "r2", "ln2", "fch", "gelu"},
+                                      {C::kNorm, C::kMatmul, C::kAttention, C::kResidual, C::kNorm,
+                                       C::kMatmul, C::kActivation}});
     return out;
   }();
   for (const remat::PlanSchema& schema : schemas) {

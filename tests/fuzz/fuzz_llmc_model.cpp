@@ -11,9 +11,9 @@
 
 #include <cstring>
 
-#include "kernels/common.h"
 #include "io/llmc_model.h"
 #include "io/params.h"
+#include "kernels/common.h"
 #include "tests/fuzz/fuzz_util.h"
 
 using remat_fuzz::MemFile;

@@ -11,8 +11,8 @@
 #include <cstring>
 #include <vector>
 
-#include "kernels/common.h"
 #include "io/shards.h"
+#include "kernels/common.h"
 #include "tests/fuzz/fuzz_util.h"
 
 using remat_fuzz::byte_at;

@@ -11,8 +11,8 @@
 
 #include <string>
 
-#include "kernels/common.h"
 #include "io/tokenizer.h"
+#include "kernels/common.h"
 #include "tests/fuzz/fuzz_util.h"
 
 using remat_fuzz::MemFile;

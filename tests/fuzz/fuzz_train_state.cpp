@@ -10,10 +10,10 @@
 
 #include <cstring>
 
-#include "kernels/common.h"
 #include "io/atomic_file.h"
 #include "io/params.h"
 #include "io/train_state.h"
+#include "kernels/common.h"
 #include "tests/fuzz/fuzz_util.h"
 
 using remat_fuzz::MemFile;

@@ -10,7 +10,6 @@
 #include <string>
 #include <vector>
 
-#include "kernels/common.h"
 #include "io/atomic_file.h"
 #include "io/config.h"
 #include "io/llmc_model.h"
@@ -18,6 +17,7 @@
 #include "io/shards.h"
 #include "io/tokenizer.h"
 #include "io/train_state.h"
+#include "kernels/common.h"
 
 namespace {
 

@@ -17,9 +17,9 @@
 #include <string>
 #include <vector>
 
-#include "models/gpt2.h"
 #include "io/params.h"
 #include "io/shards.h"
+#include "models/gpt2.h"
 #include "models/trainer.h"
 #include "runtime/cuda/cuda_backend.h"
 #include "tests/gpu/require_gpu.h"
