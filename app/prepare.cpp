@@ -34,8 +34,7 @@ int cmd_prepare(int argc, const char* const* argv) {
   std::vector<std::string> inputs = o.positional();
   if (inputs.empty()) inputs.push_back(kDefaultCorpusDir);
   auto t0 = std::chrono::steady_clock::now();
-  PrepareResult r =
-      prepare_corpus(inputs, o.get("out"), vocab, val_fraction);
+  PrepareResult r = prepare_corpus(inputs, o.get("out"), vocab, val_fraction);
   double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   std::printf(
       "prepared %lld documents: %lld train tokens (%s), %lld val tokens (%s), "

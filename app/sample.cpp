@@ -48,8 +48,7 @@ int cmd_sample(int argc, const char* const* argv) {
     REMAT_REQUIRE(t >= 0 && t < mf.config.vocab_size,
                   "prompt token " + std::to_string(t) + " is past the model's vocabulary");
   std::vector<int> gen = sample_tokens(mf.config, mf.params.data(), prompt, n_tokens,
-                                       static_cast<float>(temperature),
-                                       seed, 0);
+                                       static_cast<float>(temperature), seed, 0);
   std::string outtext = text;
   for (int t : gen) outtext += tok ? tok->decode(t) : std::to_string(t) + " ";
   std::printf("%s\n", outtext.c_str());

@@ -280,10 +280,10 @@ int cmd_train(int argc, const char* const* argv) {
     check_model_matches(c, resumed->config, resume);
     const std::string was = std::to_string(resumed->rng_seed);
     if (o.given("seed")) {
-      REMAT_REQUIRE(resumed->rng_seed == seed,
-                    "--seed " + std::to_string(seed) + " differs from --seed " + was + " that " +
-                        resume + " was trained with: pass --seed " + was +
-                        " (or omit --seed) to continue that run");
+      REMAT_REQUIRE(resumed->rng_seed == seed, "--seed " + std::to_string(seed) +
+                                                   " differs from --seed " + was + " that " +
+                                                   resume + " was trained with: pass --seed " +
+                                                   was + " (or omit --seed) to continue that run");
     } else if (resumed->rng_seed != seed) {
       seed = resumed->rng_seed;
       std::printf("seed: %s, the one %s records\n", was.c_str(), resume.c_str());

@@ -28,7 +28,7 @@ struct TrainState {
   // The run's --seed (initialisation, shuffling, sampling): a resume takes it, and refuses
   // another given --seed. States written before remat recorded it hold 0.
   uint64_t rng_seed = 0;
-  std::string extra_json;     // free text owned by the trainer (e.g. hyperparameters)
+  std::string extra_json;  // free text owned by the trainer (e.g. hyperparameters)
 };
 
 // Writes atomically (io/atomic_file.h). Refuses with an Error -- writing nothing -- if the

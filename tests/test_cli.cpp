@@ -49,13 +49,15 @@ void expect_error(const Result& r, const std::vector<std::string>& what) {
   EXPECT_FALSE(contains(r.out, "step 1/")) << "training started\n" << r.describe();
   // A user's error names what is wrong, never a place in remat's sources, and says who
   // speaks once.
-  EXPECT_FALSE(contains(r.err, ".cpp:") || contains(r.err, ".h:") || contains(r.err, ".cu:"))
+  EXPECT_FALSE(contains(r.err, ".cpp:") || contains(r.err, ".h:") || contains(r.err, ".cu:") ||
+               contains(r.err, REMAT_SOURCE_DIR))
       << "a source location in a user's error\n"
       << r.describe();
   const size_t first = r.err.find(": error: ");
   EXPECT_TRUE(first != std::string::npos &&
               r.err.find(": error: ", first + 1) == std::string::npos &&
-              r.err.find("remat train: remat") == std::string::npos)
+              r.err.find(": remat ") == std::string::npos &&
+              r.err.find(": error: prepare: ") == std::string::npos)
       << "the prefix twice\n"
       << r.describe();
 }
@@ -230,9 +232,48 @@ TEST_F(CliTest, BadOptionsAreNamed) {
   expect_error(run(train({"--lookahead", "-1"}), "o_la"), {"--lookahead"});
   expect_error(run(train({"--grad-checkpoint", "--recompute", "selective"}), "o_gc"),
                {"--grad-checkpoint", "selective"});
+  expect_error(run(train({"--grad-checkpoint", "--recompute", "every:2"}), "o_gc2"),
+               {"--grad-checkpoint", "--recompute every:2"});
+  expect_error(run(train({"--seed", "-1"}), "o_seedneg"), {"--seed", "-1"});
   // An unwritable trace is refused before the first step, not after the run.
   expect_error(run(train({"--trace", path("no/such/dir/t.json")}), "o_trace"),
                {"--trace", "no/such/dir/t.json"});
+}
+
+// The other commands: the same rules (the option or file named, no source path, one prefix).
+TEST_F(CliTest, BadOptionsOfPlanSampleAndPrepareAreNamed) {
+  expect_error(run({"plan", "--batch", "0"}, "p_batch"), {"--batch must be a positive integer"});
+  expect_error(run({"plan", "--lookahead", "-2"}, "p_la"), {"--lookahead", "-2"});
+  expect_error(run({"plan", "--vocab", "99999999999"}, "p_vocab"), {"--vocab", "99999999999"});
+  expect_error(run({"plan", "--dtype", "fp8"}, "p_dtype"), {"--dtype", "fp8"});
+  expect_error(run({"plan", "gpt2"}, "p_positional"), {"unexpected argument 'gpt2'"});
+  expect_error(run({"plan", "--grad-checkpoint", "--recompute", "selective"}, "p_gc"),
+               {"--grad-checkpoint", "--recompute selective"});
+  expect_error(run({"plan", "--recompute", "every:0"}, "p_every0"), {"every:0"});
+  const std::string missing = path("no_such_model.bin");
+  expect_error(run({"sample", "--model", missing}, "sm_missing"), {missing});
+  expect_error(run({"sample", "--temperature", "-1"}, "sm_temp"), {"--temperature", "-1"});
+  expect_error(run({"sample", "--seed", "-5"}, "sm_seed"), {"--seed", "-5"});
+  expect_error(run({"sample", "extra"}, "sm_positional"), {"unexpected argument 'extra'"});
+  expect_error(
+      run({"prepare", "--out", path("prep"), "--vocab", "100", path("train.bin")}, "pr_vocab"),
+      {"--vocab", "100"});
+  expect_error(
+      run({"prepare", "--out", path("prep"), "--val-fraction", "1", path("train.bin")}, "pr_val"),
+      {"--val-fraction", "1"});
+  expect_error(run({"prepare", "--out", path("prep"), path("no_such_text")}, "pr_missing"),
+               {path("no_such_text")});
+}
+
+TEST_F(CliTest, HelpTextsSayWhatTheChecksDo) {
+  const Result t = run({"train", "--help"}, "help_checks");
+  ASSERT_EQ(t.code(), 0) << t.describe();
+  for (const std::string w :
+       {"--grad-checkpoint", "the same as --recompute full", "0 = off", "a different --seed"})
+    EXPECT_TRUE(contains(t.out, w)) << "missing '" << w << "'\n" << t.describe();
+  const Result p = run({"plan", "--help"}, "help_plan_gc");
+  EXPECT_TRUE(contains(p.out, "--grad-checkpoint") && contains(p.out, "--recompute full"))
+      << p.describe();
 }
 
 TEST_F(CliTest, GradCheckpointIsRecomputeFull) {
@@ -242,6 +283,18 @@ TEST_F(CliTest, GradCheckpointIsRecomputeFull) {
   ASSERT_EQ(b.code(), 0) << b.describe();
   auto body = [](const std::string& s) { return s.substr(0, s.find("(planned in")); };
   EXPECT_EQ(body(a.out), body(b.out));
+  const Result aj = run({"plan", "--model", "gpt2", "--grad-checkpoint", "--json"}, "gc_json");
+  const Result bj = run({"plan", "--model", "gpt2", "--recompute", "full", "--json"}, "full_json");
+  ASSERT_EQ(aj.code(), 0) << aj.describe();
+  auto no_time = [](std::string s) {  // the one field that differs: how long planning took
+    const size_t k = s.find("\"plan_seconds");
+    if (k != std::string::npos) s.erase(k, s.find_first_of(",}", k) - k);
+    return s;
+  };
+  EXPECT_EQ(no_time(aj.out), no_time(bj.out));
+  const Result alone = run(train({"--grad-checkpoint", "--steps", "1"}), "gc_alone");
+  EXPECT_EQ(alone.code(), 0) << alone.describe();
+  EXPECT_TRUE(contains(alone.out, "recompute full")) << alone.describe();
   const Result t =
       run(train({"--grad-checkpoint", "--recompute", "full", "--steps", "1"}), "gc_train");
   EXPECT_EQ(t.code(), 0) << t.describe();
@@ -257,6 +310,13 @@ TEST_F(CliTest, ResumeWithAnotherSeedIsRefusedBeforeTheFirstStep) {
                {state, "--seed 5", "--seed 6"});
   const Result same = run(train({"--resume", state, "--seed", "5", "--steps", "3"}), "seed_same");
   EXPECT_EQ(same.code(), 0) << same.describe();
+  // Without --seed the resumed run takes the state's (and says so), and records it again.
+  const Result adopted = run(
+      train({"--resume", state, "--steps", "3", "--out", path("seed_adopted")}), "seed_adopted");
+  ASSERT_EQ(adopted.code(), 0) << adopted.describe();
+  EXPECT_TRUE(contains(adopted.out, "seed: 5")) << adopted.describe();
+  EXPECT_EQ(remat::load_train_state(state).rng_seed, 5u);
+  EXPECT_EQ(remat::load_train_state(path("seed_adopted/state.bin")).rng_seed, 5u);
 }
 
 // ---- device and precision ----
