@@ -17,7 +17,6 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
-#include <random>
 #include <sstream>
 #include <string>
 #include <thread>
@@ -65,15 +64,11 @@ void expect_error(const Result& r, const std::vector<std::string>& what) {
 class CliTest : public ::testing::Test {
  protected:
   static void SetUpTestSuite() {
-    char tmpl[] = "/tmp/remat_cli_XXXXXX";
-    ASSERT_NE(::mkdtemp(tmpl), nullptr);
-    dir_ = tmpl;
-    remat::test::write_mt_shard(dir_ + "/train.bin", 4000, 300, 99);
+    dir_ = remat::test::make_temp_dir("remat_cli");
+    remat::test::write_random_shard(dir_ + "/train.bin", 4000, 300, 99);
   }
   static void TearDownTestSuite() {
-    // REMAT_KEEP_TEST_FILES=1 keeps the runs' files for a look after a failure.
-    std::error_code ec;
-    if (!dir_.empty() && !std::getenv("REMAT_KEEP_TEST_FILES")) fs::remove_all(dir_, ec);
+    remat::test::remove_temp_dir(dir_);  // REMAT_KEEP_TEST_FILES=1 keeps it
   }
 
   // A short tiny-model run on the test shard, plus `extra` (later options win).

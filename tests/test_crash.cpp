@@ -20,7 +20,6 @@
 #include <filesystem>
 #include <fstream>
 #include <map>
-#include <random>
 #include <sstream>
 #include <string>
 #include <thread>
@@ -42,18 +41,10 @@ constexpr int kSteps = 40;  // every run in this file trains toward step 40
 // ---- child processes (tests/test_util.h) ----
 
 using remat::test::Child;
+using remat::test::describe;
 using remat::test::slurp;
 using remat::test::spawn;
 using remat::test::wait_child;
-
-std::string describe(int status, const Child& c) {
-  std::string s;
-  if (WIFEXITED(status))
-    s = "exit " + std::to_string(WEXITSTATUS(status));
-  else if (WIFSIGNALED(status))
-    s = "signal " + std::to_string(WTERMSIG(status));
-  return s + "\nstdout:\n" + slurp(c.out) + "\nstderr:\n" + slurp(c.err);
-}
 
 // Runs to completion and expects exit 0.
 void run_ok(const std::vector<std::string>& args, const std::string& base) {
@@ -99,10 +90,8 @@ bool has_entry_prefix(const std::string& dir, const std::string& prefix) {
 class CrashTest : public ::testing::Test {
  protected:
   static void SetUpTestSuite() {
-    char tmpl[] = "/tmp/remat_crash_XXXXXX";
-    ASSERT_NE(::mkdtemp(tmpl), nullptr);
-    dir_ = tmpl;
-    remat::test::write_mt_shard(dir_ + "/train.bin", 20000, 300, 1234);
+    dir_ = remat::test::make_temp_dir("remat_crash");
+    remat::test::write_random_shard(dir_ + "/train.bin", 20000, 300, 1234);
 
     run_ok(args({"--out", dir_ + "/ref", "--log", dir_ + "/ref.jsonl"}), dir_ + "/ref");
     ref_losses_ = read_losses(dir_ + "/ref.jsonl");
@@ -112,9 +101,7 @@ class CrashTest : public ::testing::Test {
     ASSERT_FALSE(ref_state_.empty());
   }
   static void TearDownTestSuite() {
-    // REMAT_KEEP_TEST_FILES=1 keeps the runs' files for a look after a failure.
-    std::error_code ec;
-    if (!dir_.empty() && !std::getenv("REMAT_KEEP_TEST_FILES")) fs::remove_all(dir_, ec);
+    remat::test::remove_temp_dir(dir_);  // REMAT_KEEP_TEST_FILES=1 keeps it
   }
 
   // The common arguments of every run, plus `extra`.

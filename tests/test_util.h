@@ -1,6 +1,7 @@
-// What the tests that run the remat program share: temporary directories, shards, the tiny
-// training run's arguments, and starting REMAT_BINARY with fork/exec (its stdout and stderr
-// to files, limits, a timeout), so test_cli and test_crash do not each carry a copy.
+// What the tests that run the remat program share, so test_cli and test_crash do not each
+// carry a copy: the tiny run's arguments and starting REMAT_BINARY with fork/exec (its stdout
+// and stderr to files, limits, a timeout, the result described). Temporary directories
+// (TempDir, make_temp_dir) and shards (write_random_shard) come from tests/tiny_model.h.
 #pragma once
 #include <fcntl.h>
 #include <gtest/gtest.h>
@@ -11,7 +12,6 @@
 
 #include <chrono>
 #include <fstream>
-#include <random>
 #include <sstream>
 #include <string>
 #include <thread>
@@ -31,14 +31,6 @@ inline std::string slurp(const std::string& path) {
 
 inline bool contains(const std::string& s, const std::string& what) {
   return s.find(what) != std::string::npos;
-}
-
-// A shard of `n` tokens < V from std::mt19937(seed).
-inline void write_mt_shard(const std::string& path, size_t n, int V, uint32_t seed) {
-  std::mt19937 rng(seed);
-  std::vector<uint16_t> tokens(n);
-  for (auto& t : tokens) t = static_cast<uint16_t>(rng() % V);
-  write_shard(path, tokens.data(), tokens.size());
 }
 
 // `remat train` of the tiny preset (V=300) on `shard` at B=2, T=16 for `steps` steps, no
@@ -130,6 +122,7 @@ inline int wait_child(const Child& c, double timeout_s = 300) {
   }
 }
 
+// How a finished child ended and what it wrote.
 struct Result {
   int status = 0;
   std::string out, err;
@@ -143,15 +136,21 @@ struct Result {
   }
 };
 
+// The Result of a child that ended with `status` (from wait_child).
+inline Result result_of(const Child& c, int status) {
+  return {status, slurp(c.out), slurp(c.err)};
+}
+
+// For a failed assertion: how the child ended, its stdout and its stderr.
+inline std::string describe(int status, const Child& c) {
+  return result_of(c, status).describe();
+}
+
 // Runs REMAT_BINARY with `args` to completion (killing it after 300 s).
 inline Result run_remat(const std::vector<std::string>& args, const std::string& base,
                         const Limits& lim = {}) {
   const Child c = spawn(args, base, lim);
-  Result res;
-  res.status = wait_child(c);
-  res.out = slurp(c.out);
-  res.err = slurp(c.err);
-  return res;
+  return result_of(c, wait_child(c));
 }
 
 }  // namespace remat::test

@@ -1,9 +1,13 @@
-// Small models and data for the model and runtime tests.
+// Small models and data for the model and runtime tests: the tiny configuration, random
+// parameters, tokens and shards, and temporary directories. Tests that also run the remat
+// program include tests/test_util.h, which builds on this header.
 #pragma once
 #include <unistd.h>
 
 #include <cstdint>
 #include <cstdlib>
+#include <filesystem>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
@@ -39,18 +43,33 @@ inline std::vector<int> random_tokens(size_t n, int V, uint64_t seed) {
   return t;
 }
 
-// A fresh temporary directory, removed with its files at destruction.
+// A fresh directory /tmp/<prefix>_XXXXXX (std::runtime_error when none can be made).
+inline std::string make_temp_dir(const std::string& prefix = "remat_test") {
+  std::string tmpl = "/tmp/" + prefix + "_XXXXXX";
+  if (::mkdtemp(tmpl.data()) == nullptr)
+    throw std::runtime_error("cannot create a temporary directory " + tmpl);
+  return tmpl;
+}
+
+// Removes `path` with its files, unless REMAT_KEEP_TEST_FILES is set (to look at the files of a
+// failed run afterwards).
+inline void remove_temp_dir(const std::string& path) {
+  if (path.empty() || std::getenv("REMAT_KEEP_TEST_FILES")) return;
+  std::error_code ec;
+  std::filesystem::remove_all(path, ec);
+}
+
+// A fresh temporary directory, removed with its files at destruction (see remove_temp_dir).
 struct TempDir {
   std::string path;
-  TempDir() {
-    char tmpl[] = "/tmp/remat_test_XXXXXX";
-    path = mkdtemp(tmpl);
-  }
-  ~TempDir() { std::system(("rm -rf '" + path + "'").c_str()); }
+  explicit TempDir(const std::string& prefix = "remat_test") : path(make_temp_dir(prefix)) {}
+  ~TempDir() { remove_temp_dir(path); }
+  TempDir(const TempDir&) = delete;
+  TempDir& operator=(const TempDir&) = delete;
   std::string operator/(const std::string& name) const { return path + "/" + name; }
 };
 
-// Writes a shard of `n` random tokens < V.
+// Writes a shard of `n` random tokens < V (Philox(seed), the same shard for the same seed).
 inline void write_random_shard(const std::string& path, size_t n, int V, uint64_t seed) {
   std::vector<int> t = random_tokens(n, V, seed);
   std::vector<uint16_t> u(t.begin(), t.end());
