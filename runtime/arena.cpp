@@ -124,7 +124,7 @@ Block Arena::alloc(size_t bytes, Stream* stream, Phase phase, Usage usage, const
   REMAT_CHECK(bytes <= std::numeric_limits<size_t>::max() - kAlign,
               std::string("arena: request for '") + what +
                   "' is too large: " + std::to_string(bytes) + " bytes");
-  const size_t size = bytes == 0 ? kAlign : (bytes + kAlign - 1) / kAlign * kAlign;
+  const size_t size = bytes == 0 ? kAlign : round_up(bytes);
 
   // Best fit among free regions (scan in offset order; strict < keeps the lowest offset),
   // preferring regions that need no cross-stream wait: those whose frees were all on

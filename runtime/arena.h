@@ -63,6 +63,8 @@ struct ArenaStats {
 class Arena {
  public:
   static constexpr size_t kAlign = 256;
+  // n rounded up to a multiple of kAlign (what a block of n bytes occupies; 0 stays 0).
+  static constexpr size_t round_up(size_t n) { return (n + kAlign - 1) / kAlign * kAlign; }
 
   // Real arena: reserves `capacity` bytes from `memory` once. Dry run: memory == nullptr,
   // nothing is reserved, and capacity may be SIZE_MAX.

@@ -16,10 +16,6 @@ namespace remat {
 
 namespace {
 
-size_t align_up(size_t n) {
-  return (n + Arena::kAlign - 1) / Arena::kAlign * Arena::kAlign;
-}
-
 // Labels reach traces that may outlive an executor: keep one copy of each, process-wide.
 const char* intern(const std::string& s) {
   static std::mutex mu;
@@ -130,7 +126,8 @@ std::vector<SlotCost> slot_costs(const Program& p, int es, const CostModel& m) {
   const PlanSchema schema = plan_schema(p);
   const size_t K = p.slots.size();
   std::vector<SlotCost> out(K);
-  // The ops (and variants) each slot's stand-alone replay in block 0 runs.
+  // Each slot's stand-alone replay in block 0, and the ops it runs.
+  std::vector<std::vector<ReplayStep>> steps(K);
   std::vector<std::vector<int>> ops_of(K);
   for (size_t k = 0; k < K; k++) {
     const TensorId t = p.slot_tensor[0][k];
@@ -138,7 +135,8 @@ std::vector<SlotCost> slot_costs(const Program& p, int es, const CostModel& m) {
     out[k].bytes = p.tensor_bytes(t, es);
     Plan one = parse_plan("none", schema);
     one.recompute[0][k] = 1;
-    for (const ReplayStep& st : replay_of(p, one, 0)) {
+    steps[k] = replay_of(p, one, 0);
+    for (const ReplayStep& st : steps[k]) {
       const OpDesc& op = p.ops[st.op];
       out[k].flops += op_work(op, es, st.norm_only).flops;
       out[k].seconds += op_seconds(op, es, m, st.norm_only);
@@ -148,11 +146,7 @@ std::vector<SlotCost> slot_costs(const Program& p, int es, const CostModel& m) {
   // The exclusive part: ops no other slot's replay runs (an op two slots may both replay
   // is charged to neither, so the sum over any set stays below the set's true cost).
   for (size_t k = 0; k < K; k++) {
-    const TensorId t = p.slot_tensor[0][k];
-    if (t < 0) continue;
-    Plan one = parse_plan("none", schema);
-    one.recompute[0][k] = 1;
-    for (const ReplayStep& st : replay_of(p, one, 0)) {
+    for (const ReplayStep& st : steps[k]) {
       bool shared = false;
       for (size_t j = 0; j < K; j++)
         if (j != k && std::count(ops_of[j].begin(), ops_of[j].end(), st.op)) shared = true;
@@ -343,16 +337,15 @@ struct Executor::Impl {
   void* g(const OpDesc& op, int k) const {
     return k < static_cast<int>(op.params.size()) ? param_ptr(Gw, op.params[k]) : nullptr;
   }
-  static void* main_of(const Block& b) {
-    return b.ptr;
-  }
   float* extra_of(const Block& b, TensorId t) const {
     if (!b.ptr) return nullptr;
-    return reinterpret_cast<float*>(static_cast<char*>(b.ptr) +
-                                    align_up(P.tensors[t].elems() * es));
+    return reinterpret_cast<float*>(static_cast<char*>(b.ptr) + P.extra_offset(t, es));
   }
   // LayerNorm statistics are stored as mean (N) then rstd (N).
   static float* rstd_of(float* mean, int n) {
+    return mean ? mean + n : nullptr;
+  }
+  static const float* rstd_of(const float* mean, int n) {
     return mean ? mean + n : nullptr;
   }
   const int* dev_inputs() const {
@@ -538,7 +531,7 @@ struct Executor::Impl {
       be->copy_to_host(main.get(), now->data(), blk[t].ptr, now->size(), "verify.load", l);
       const std::vector<char>* orig = &shadow[t];
       const size_t main_elems = P.tensors[t].elems(), extra = P.tensors[t].extra;
-      const size_t extra_off = align_up(main_elems * es);
+      const size_t extra_off = P.extra_offset(t, es);
       const char* name = tensor_name[t];
       const char* xname = extra_name[t];
       const int esz = es;
@@ -589,8 +582,8 @@ struct Executor::Impl {
   int new_grad(TensorId t, bool zero) {
     Stream* s = main.get();
     GradBuf gb;
-    gb.b = arena->alloc(align_up(P.tensors[t].elems() * es), s, Phase::kBackward, Usage::kWorkspace,
-                        "activation gradient");
+    gb.b = arena->alloc(Arena::round_up(P.tensors[t].elems() * es), s, Phase::kBackward,
+                        Usage::kWorkspace, "activation gradient");
     gb.pending = 1;
     if (zero) be->zero(s, gb.b.ptr, P.tensors[t].elems() * es, zero_label[P.tensors[t].producer]);
     int id;
@@ -709,7 +702,7 @@ struct Executor::Impl {
           check_sole(res);
           const float* st = extra_of(blk[ln], ln);
           be->layernorm_backward(s, grad_ptr(res), g(op, 0), g(op, 1), grad_ptr(ln), act(res),
-                                 w(op, 0), st, st ? st + N : nullptr, N, C, label, op.block);
+                                 w(op, 0), st, rstd_of(st, N), N, C, label, op.block);
         }
         consume_grad(ln);
         input_grad(op, 0, false);
@@ -738,8 +731,8 @@ struct Executor::Impl {
         switch (op.kind) {
           case OpKind::kLayerNorm: {
             const float* st = extra_of(blk[out], out);
-            be->layernorm_backward(s, dx, g(op, 0), g(op, 1), dout, x, w(op, 0), st,
-                                   st ? st + N : nullptr, N, C, label, op.block);
+            be->layernorm_backward(s, dx, g(op, 0), g(op, 1), dout, x, w(op, 0), st, rstd_of(st, N),
+                                   N, C, label, op.block);
             break;
           }
           case OpKind::kMatmul:

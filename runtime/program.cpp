@@ -137,9 +137,11 @@ ParamId Program::find_param(const std::string& name) const {
 }
 
 size_t Program::tensor_bytes(TensorId t, int es) const {
-  auto up = [](size_t n) { return (n + Arena::kAlign - 1) / Arena::kAlign * Arena::kAlign; };
-  const TensorDesc& d = tensors[t];
-  return up(d.elems() * es) + up(d.extra * 4);
+  return extra_offset(t, es) + Arena::round_up(tensors[t].extra * 4);
+}
+
+size_t Program::extra_offset(TensorId t, int es) const {
+  return Arena::round_up(tensors[t].elems() * es);
 }
 
 ProgramBuilder::ProgramBuilder(int B, int T) {

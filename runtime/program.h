@@ -123,6 +123,8 @@ struct Program {
   ParamId find_param(const std::string& name) const;        // -1 when absent
   // Arena bytes of a tensor at an element size (main and extra parts aligned).
   size_t tensor_bytes(TensorId t, int elem_bytes) const;
+  // Where the fp32 part starts within the tensor's arena block.
+  size_t extra_offset(TensorId t, int elem_bytes) const;
 };
 
 // Records a forward pass. Calls return the new tensors; `begin_block(l)` puts what follows in
