@@ -2,19 +2,23 @@
 // log-sum-exp of each query row, never the (T, T) matrix; the backward rebuilds the
 // probabilities from q, k and the log-sum-exp.
 //
-// qkv (B, T, 3C) holds per token [q (C) | k (C) | v (C)], each split into NH heads of
-// HD = C / NH channels (llm.c's layout). Scale 1/sqrt(HD).
+// qkv (B, T, C + 2 NKV HD) holds per token [q (C) | k (NKV HD) | v (NKV HD)]: NH query heads
+// of HD = C / NH channels and NKV key/value heads (grouped-query attention: query head h reads
+// key/value head h / (NH / NKV); NH % NKV == 0). NKV = 0 means NH (GPT-2: qkv (B, T, 3C),
+// llm.c's layout). Scale 1/sqrt(HD).
 #pragma once
 
 namespace remat::cpu {
 
 // out (B, T, C) overwritten; lse (B, NH, T) overwritten.
-void attention_forward(float* out, float* lse, const float* qkv, int B, int T, int C, int NH);
+void attention_forward(float* out, float* lse, const float* qkv, int B, int T, int C, int NH,
+                       int NKV = 0);
 
-// dqkv (B, T, 3C) overwritten. Needs the forward's qkv, out and lse.
-// Deterministic: parallel over (b, head) only.
+// dqkv (B, T, C + 2 NKV HD) overwritten. Needs the forward's qkv, out and lse.
+// Deterministic: parallel over (b, head) only; a key/value head's gradient sums its query
+// heads in increasing order.
 void attention_backward(float* dqkv, const float* dout, const float* qkv, const float* out,
-                        const float* lse, int B, int T, int C, int NH);
+                        const float* lse, int B, int T, int C, int NH, int NKV = 0);
 
 }  // namespace remat::cpu
 
@@ -34,7 +38,7 @@ namespace remat::cuda {
 // (fp32, other head dims <= 256): a plain fp32 kernel (exact-comparison mode).
 template <typename Elem>
 void attention_forward(Elem* out, float* lse, const Elem* qkv, int B, int T, int C, int NH,
-                       cudaStream_t stream);
+                       cudaStream_t stream, int NKV = 0);
 
 // Scratch floats attention_backward needs: D = rowsum(dout * out), (B, NH, T).
 size_t attention_backward_workspace_floats(int B, int T, int NH);
@@ -45,7 +49,7 @@ size_t attention_backward_workspace_floats(int B, int T, int NH);
 template <typename Elem>
 void attention_backward(Elem* dqkv, const Elem* dout, const Elem* qkv, const Elem* out,
                         const float* lse, int B, int T, int C, int NH, float* workspace,
-                        cudaStream_t stream);
+                        cudaStream_t stream, int NKV = 0);
 
 }  // namespace remat::cuda
 #endif  // REMAT_WITH_CUDA

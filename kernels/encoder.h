@@ -3,11 +3,13 @@
 
 namespace remat::cpu {
 
-// out (B, T, C) = wte[tokens[b, t]] + wpe[t]. tokens must already be checked < V.
+// out (B, T, C) = wte[tokens[b, t]] + wpe[t] (wpe null: no position embedding). tokens must
+// already be checked < V.
 void encoder_forward(float* out, const int* tokens, const float* wte, const float* wpe, int B,
                      int T, int C);
 
-// dwte (Vp, C) += scatter of dout by token; dwpe (maxT, C) += sum over b. Deterministic:
+// dwte (Vp, C) += scatter of dout by token; dwpe (maxT, C) += sum over b (dwpe null: none).
+// Deterministic:
 // each output channel is summed by one thread in token order.
 void encoder_backward(float* dwte, float* dwpe, const float* dout, const int* tokens, int B, int T,
                       int C);

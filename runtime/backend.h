@@ -75,6 +75,7 @@ class Backend {
   virtual void host_task(Stream* s, std::function<void()> fn, const char* label, int block) = 0;
 
   // ---- the model's ops (kernels/*.h) ----
+  // wpe may be null (no position embedding: the Llama family); dwpe is then null too.
   virtual void encoder_forward(Stream* s, void* out, const int* tokens, const void* wte,
                                const void* wpe, int B, int T, int C) = 0;
   // dwte (Vp, C) +=, dwpe (T, C) += (deterministic).
@@ -92,6 +93,16 @@ class Backend {
                                   const void* inp, const void* w, const float* mean,
                                   const float* rstd, int N, int C, const char* label,
                                   int block) = 0;
+  // RMSNorm (kernels/rmsnorm.h); rstd (N) fp32.
+  virtual void rmsnorm_forward(Stream* s, void* out, float* rstd, const void* inp, const void* w,
+                               int N, int C, float eps, const char* label, int block) = 0;
+  virtual void residual_rmsnorm_forward(Stream* s, void* residual, void* out, float* rstd,
+                                        const void* x, const void* y, const void* w, int N, int C,
+                                        float eps, const char* label, int block) = 0;
+  // dinp +=, dw += .
+  virtual void rmsnorm_backward(Stream* s, void* dinp, void* dw, const void* dout, const void* inp,
+                                const void* w, const float* rstd, int N, int C, const char* label,
+                                int block) = 0;
   virtual void matmul_forward(Stream* s, void* out, const void* inp, const void* w,
                               const void* bias, int N, int C, int OC, const char* label,
                               int block) = 0;
@@ -103,11 +114,23 @@ class Backend {
                             int block) = 0;
   virtual void gelu_backward(Stream* s, void* dinp, const void* inp, const void* dout, size_t n,
                              const char* label, int block) = 0;
+  // SwiGLU (kernels/swiglu.h): out (N, I) from inp (N, 2I); dinp overwritten.
+  virtual void swiglu_forward(Stream* s, void* out, const void* inp, int N, int I,
+                              const char* label, int block) = 0;
+  virtual void swiglu_backward(Stream* s, void* dinp, const void* inp, const void* dout, int N,
+                               int I, const char* label, int block) = 0;
+  // Rotary embedding of packed qkv (kernels/rope.h); dinp overwritten.
+  virtual void rope_forward(Stream* s, void* out, const void* inp, int B, int T, int NH, int NKV,
+                            int HD, float theta, const char* label, int block) = 0;
+  virtual void rope_backward(Stream* s, void* dinp, const void* dout, int B, int T, int NH, int NKV,
+                             int HD, float theta, const char* label, int block) = 0;
+  // Causal attention with NH query heads and NKV key/value heads (kernels/attention.h); qkv
+  // (B, T, C + 2 NKV C / NH); dqkv overwritten.
   virtual void attention_forward(Stream* s, void* out, float* lse, const void* qkv, int B, int T,
-                                 int C, int NH, const char* label, int block) = 0;
+                                 int C, int NH, int NKV, const char* label, int block) = 0;
   virtual void attention_backward(Stream* s, void* dqkv, const void* dout, const void* qkv,
                                   const void* out, const float* lse, int B, int T, int C, int NH,
-                                  const char* label, int block) = 0;
+                                  int NKV, const char* label, int block) = 0;
   // Chunked fused classifier. losses (N) fp32; dx (N, C) overwritten and dwte += when dx is not
   // null; workspace holds chunk_rows * Vp Elems. *mean_loss_host (from alloc_host()) receives the
   // mean loss once s has been synchronized.

@@ -19,6 +19,9 @@
 #include "kernels/gradnorm.h"
 #include "kernels/layernorm.h"
 #include "kernels/matmul.h"
+#include "kernels/rmsnorm.h"
+#include "kernels/rope.h"
+#include "kernels/swiglu.h"
 #include "runtime/backend.h"
 
 namespace remat {
@@ -297,16 +300,59 @@ class CpuBackend final : public Backend {
     compute(
         s, [=] { cpu::gelu_backward(F(dinp), F(inp), F(dout), n); }, label, block);
   }
-  void attention_forward(Stream* s, void* out, float* lse, const void* qkv, int B, int T, int C,
-                         int NH, const char* label, int block) override {
+  void rmsnorm_forward(Stream* s, void* out, float* rstd, const void* inp, const void* w, int N,
+                       int C, float eps, const char* label, int block) override {
     compute(
-        s, [=] { cpu::attention_forward(F(out), lse, F(qkv), B, T, C, NH); }, label, block);
+        s, [=] { cpu::rmsnorm_forward(F(out), rstd, F(inp), F(w), N, C, eps); }, label, block);
+  }
+  void residual_rmsnorm_forward(Stream* s, void* residual, void* out, float* rstd, const void* x,
+                                const void* y, const void* w, int N, int C, float eps,
+                                const char* label, int block) override {
+    compute(
+        s,
+        [=] {
+          cpu::residual_rmsnorm_forward(F(residual), F(out), rstd, F(x), F(y), F(w), N, C, eps);
+        },
+        label, block);
+  }
+  void rmsnorm_backward(Stream* s, void* dinp, void* dw, const void* dout, const void* inp,
+                        const void* w, const float* rstd, int N, int C, const char* label,
+                        int block) override {
+    compute(
+        s, [=] { cpu::rmsnorm_backward(F(dinp), F(dw), F(dout), F(inp), F(w), rstd, N, C); },
+        label, block);
+  }
+  void swiglu_forward(Stream* s, void* out, const void* inp, int N, int I, const char* label,
+                      int block) override {
+    compute(
+        s, [=] { cpu::swiglu_forward(F(out), F(inp), N, I); }, label, block);
+  }
+  void swiglu_backward(Stream* s, void* dinp, const void* inp, const void* dout, int N, int I,
+                       const char* label, int block) override {
+    compute(
+        s, [=] { cpu::swiglu_backward(F(dinp), F(inp), F(dout), N, I); }, label, block);
+  }
+  void rope_forward(Stream* s, void* out, const void* inp, int B, int T, int NH, int NKV, int HD,
+                    float theta, const char* label, int block) override {
+    compute(
+        s, [=] { cpu::rope_forward(F(out), F(inp), B, T, NH, NKV, HD, theta); }, label, block);
+  }
+  void rope_backward(Stream* s, void* dinp, const void* dout, int B, int T, int NH, int NKV,
+                     int HD, float theta, const char* label, int block) override {
+    compute(
+        s, [=] { cpu::rope_backward(F(dinp), F(dout), B, T, NH, NKV, HD, theta); }, label, block);
+  }
+  void attention_forward(Stream* s, void* out, float* lse, const void* qkv, int B, int T, int C,
+                         int NH, int NKV, const char* label, int block) override {
+    compute(
+        s, [=] { cpu::attention_forward(F(out), lse, F(qkv), B, T, C, NH, NKV); }, label, block);
   }
   void attention_backward(Stream* s, void* dqkv, const void* dout, const void* qkv, const void* out,
-                          const float* lse, int B, int T, int C, int NH, const char* label,
+                          const float* lse, int B, int T, int C, int NH, int NKV, const char* label,
                           int block) override {
     compute(
-        s, [=] { cpu::attention_backward(F(dqkv), F(dout), F(qkv), F(out), lse, B, T, C, NH); },
+        s,
+        [=] { cpu::attention_backward(F(dqkv), F(dout), F(qkv), F(out), lse, B, T, C, NH, NKV); },
         label, block);
   }
   void classifier(Stream* s, float* losses, void* dx, void* dwte, const void* x, const void* wte,

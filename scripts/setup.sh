@@ -10,7 +10,9 @@ cd "$(dirname "$0")/.."
 
 need=()
 have_pkg() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "install ok installed"; }
-for pkg in cmake ninja-build g++ libgtest-dev fortunes; do
+# nlohmann-json: JSON reading and writing (config.json, tokenizer.json, traces, plan --json);
+# PCRE2: the Unicode pre-tokenizer regex of Hugging Face tokenizers.
+for pkg in cmake ninja-build g++ libgtest-dev fortunes nlohmann-json3-dev libpcre2-dev pkg-config; do
   have_pkg "$pkg" || need+=("$pkg")
 done
 SUDO=""
@@ -26,6 +28,12 @@ if ! python3 -c "import numpy" 2>/dev/null; then
   echo "setup: installing numpy for the reference tests"
   python3 -m pip install --quiet numpy 2>/dev/null ||
     DEBIAN_FRONTEND=noninteractive ${SUDO:-} apt-get install -y -qq python3-numpy >/dev/null || true
+fi
+
+# The tokenizer tests compare against Hugging Face `tokenizers` (PyPI); skipped when absent.
+if ! python3 -c "import tokenizers" 2>/dev/null; then
+  echo "setup: installing tokenizers for the tokenizer tests"
+  python3 -m pip install --quiet tokenizers 2>/dev/null || echo "setup: tokenizers not installed; its tests will skip"
 fi
 
 build="${REMAT_BUILD_DIR:-build}"

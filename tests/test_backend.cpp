@@ -129,16 +129,53 @@ class CheckingBackend final : public Backend {
     note("gelu_backward", s, label);
     cpu().gelu_backward(s, dinp, inp, dout, n, label, block);
   }
+  void rmsnorm_forward(Stream* s, void* out, float* rstd, const void* inp, const void* w, int N,
+                       int C, float eps, const char* label, int block) override {
+    note("rmsnorm_forward", s, label);
+    cpu().rmsnorm_forward(s, out, rstd, inp, w, N, C, eps, label, block);
+  }
+  void residual_rmsnorm_forward(Stream* s, void* residual, void* out, float* rstd, const void* x,
+                                const void* y, const void* w, int N, int C, float eps,
+                                const char* label, int block) override {
+    note("residual_rmsnorm_forward", s, label);
+    cpu().residual_rmsnorm_forward(s, residual, out, rstd, x, y, w, N, C, eps, label, block);
+  }
+  void rmsnorm_backward(Stream* s, void* dinp, void* dw, const void* dout, const void* inp,
+                        const void* w, const float* rstd, int N, int C, const char* label,
+                        int block) override {
+    note("rmsnorm_backward", s, label);
+    cpu().rmsnorm_backward(s, dinp, dw, dout, inp, w, rstd, N, C, label, block);
+  }
+  void swiglu_forward(Stream* s, void* out, const void* inp, int N, int I, const char* label,
+                      int block) override {
+    note("swiglu_forward", s, label);
+    cpu().swiglu_forward(s, out, inp, N, I, label, block);
+  }
+  void swiglu_backward(Stream* s, void* dinp, const void* inp, const void* dout, int N, int I,
+                       const char* label, int block) override {
+    note("swiglu_backward", s, label);
+    cpu().swiglu_backward(s, dinp, inp, dout, N, I, label, block);
+  }
+  void rope_forward(Stream* s, void* out, const void* inp, int B, int T, int NH, int NKV, int HD,
+                    float theta, const char* label, int block) override {
+    note("rope_forward", s, label);
+    cpu().rope_forward(s, out, inp, B, T, NH, NKV, HD, theta, label, block);
+  }
+  void rope_backward(Stream* s, void* dinp, const void* dout, int B, int T, int NH, int NKV,
+                     int HD, float theta, const char* label, int block) override {
+    note("rope_backward", s, label);
+    cpu().rope_backward(s, dinp, dout, B, T, NH, NKV, HD, theta, label, block);
+  }
   void attention_forward(Stream* s, void* out, float* lse, const void* qkv, int B, int T, int C,
-                         int NH, const char* label, int block) override {
+                         int NH, int NKV, const char* label, int block) override {
     note("attention_forward", s, label);
-    cpu().attention_forward(s, out, lse, qkv, B, T, C, NH, label, block);
+    cpu().attention_forward(s, out, lse, qkv, B, T, C, NH, NKV, label, block);
   }
   void attention_backward(Stream* s, void* dqkv, const void* dout, const void* qkv, const void* out,
-                          const float* lse, int B, int T, int C, int NH, const char* label,
+                          const float* lse, int B, int T, int C, int NH, int NKV, const char* label,
                           int block) override {
     note("attention_backward", s, label);
-    cpu().attention_backward(s, dqkv, dout, qkv, out, lse, B, T, C, NH, label, block);
+    cpu().attention_backward(s, dqkv, dout, qkv, out, lse, B, T, C, NH, NKV, label, block);
   }
   void classifier(Stream* s, float* losses, void* dx, void* dwte, const void* x, const void* wte,
                   const int* targets, int N, int C, int V, int Vp, float dloss, void* ws,
@@ -172,13 +209,14 @@ class CheckingBackend final : public Backend {
 };
 
 // The ops whose CUDA kernels use the backend's shared scratch.
-const std::set<std::string> kScratchOps = {"encoder_backward", "layernorm_backward",
-                                           "attention_backward", "sum_squares",
-                                           "classifier_logits"};
+const std::set<std::string> kScratchOps = {"encoder_backward",   "layernorm_backward",
+                                           "rmsnorm_backward",   "attention_backward",
+                                           "sum_squares",        "classifier_logits"};
 // What the recompute stream may run: the forward kernels.
-const std::set<std::string> kForwardOps = {"layernorm_forward", "residual_layernorm_forward",
-                                           "matmul_forward",    "gelu_forward",
-                                           "attention_forward", "host_task"};
+const std::set<std::string> kForwardOps = {
+    "layernorm_forward", "residual_layernorm_forward", "rmsnorm_forward",
+    "residual_rmsnorm_forward", "matmul_forward", "gelu_forward", "swiglu_forward",
+    "rope_forward", "attention_forward", "host_task"};
 
 class BackendContract : public ::testing::TestWithParam<const char*> {};
 
