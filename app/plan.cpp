@@ -8,7 +8,7 @@
 #include "base/error.h"
 #include "io/llmc_model.h"
 #include "io/params.h"
-#include "models/gpt2.h"
+#include "models/model.h"
 #include "models/trainer.h"
 
 namespace remat {
@@ -51,7 +51,7 @@ int cmd_plan(int argc, const char* const* argv) {
                                             "' (every input is an option: see remat plan --help)");
   auto t0 = std::chrono::steady_clock::now();
   const std::string model = o.get("model");
-  GPT2Config c;
+  ModelConfig c;
   if (model.size() > 4 && model.substr(model.size() - 4) == ".bin") {
     c = read_llmc_model(model).config;
   } else {
@@ -69,7 +69,7 @@ int cmd_plan(int argc, const char* const* argv) {
   so.lookahead = o.get_count("lookahead");
   const CostModel cm = cost_model_for(dt);
   Plan plan = make_plan(recompute_policy(o), c, B, T, dt, so, cm);
-  GPT2Runner dry(c, B, T, plan, dt, so, /*dry=*/true);
+  ModelRunner dry(c, B, T, plan, dt, so, /*dry=*/true);
   dry.forward_backward(nullptr, nullptr, nullptr, nullptr, 1.0f);
   MemoryReport r = memory_report(c, B, T, plan, dt, dry.stats(), cm);
   const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
@@ -103,8 +103,12 @@ int cmd_plan(int argc, const char* const* argv) {
     std::printf("},\"plan_seconds\":%.4f}\n", secs);
     return 0;
   }
-  std::printf("model %s: L=%d C=%d NH=%d V=%d, %.1fM parameters\n", model.c_str(), c.num_layers,
-              c.channels, c.num_heads, c.vocab_size, num_params(c) / 1e6);
+  if (c.is_llama())
+    std::printf("model %s: %s, %.1fM parameters\n", model.c_str(), describe(c).c_str(),
+                num_params(c) / 1e6);
+  else
+    std::printf("model %s: L=%d C=%d NH=%d V=%d, %.1fM parameters\n", model.c_str(),
+                c.num_layers, c.channels, c.num_heads, c.vocab_size, num_params(c) / 1e6);
   std::printf("run: B=%d T=%d, %s activations, lookahead %d, recompute %s\n\n", B, T, dts.c_str(),
               so.lookahead, plan.spec.c_str());
   std::printf("  %-6s %14s   %s\n", "kind", "bytes/block", "recomputed in blocks");

@@ -62,16 +62,16 @@ PrepareResult default_corpus() {
 // AdamW state (16 bytes per parameter on both backends: fp32 weights, gradients and moments;
 // or fp32 master weights and moments beside bf16 weights and gradients), plus the arena
 // reservation the dry run of this plan asks for.
-uint64_t bytes_needed(const GPT2Config& c, int B, int T, const Plan& plan,
+uint64_t bytes_needed(const ModelConfig& c, int B, int T, const Plan& plan,
                       const ScheduleOptions& so, ActDType dt) {
-  GPT2Runner dry(c, B, T, plan, dt, so, /*dry=*/true);
+  ModelRunner dry(c, B, T, plan, dt, so, /*dry=*/true);
   dry.forward_backward(nullptr, nullptr, nullptr, nullptr, 1.0f);
   return 16ull * num_params(c) + dry.stats().extent_peak;
 }
 
 // An error before anything is allocated when the run cannot fit the backend's memory, naming
 // the plan, what it needs and what would fit.
-void check_fits_in_memory(const GPT2Config& c, int B, int T, const Plan& plan,
+void check_fits_in_memory(const ModelConfig& c, int B, int T, const Plan& plan,
                           const ScheduleOptions& so, const std::string& policy, Backend& be) {
   const uint64_t avail = be.available_bytes();
   if (avail == 0) return;
@@ -253,7 +253,7 @@ int cmd_train(int argc, const char* const* argv) {
 
   // Model.
   const std::string model = o.get("model");
-  GPT2Config c;
+  ModelConfig c;
   std::vector<float> params;
   uint64_t seed = o.get_seed("seed");
   if (model.size() > 4 && model.substr(model.size() - 4) == ".bin") {
@@ -423,8 +423,12 @@ int cmd_train(int argc, const char* const* argv) {
   };
 
   const uint64_t P = num_params(c);
-  std::printf("model: L=%d C=%d NH=%d V=%d (padded %d) maxT=%d, %.2fM parameters\n", c.num_layers,
-              c.channels, c.num_heads, c.vocab_size, c.padded_vocab, c.max_seq_len, P / 1e6);
+  if (c.is_llama())
+    std::printf("model: %s, %.2fM parameters\n", describe(c).c_str(), P / 1e6);
+  else
+    std::printf("model: L=%d C=%d NH=%d V=%d (padded %d) maxT=%d, %.2fM parameters\n",
+                c.num_layers, c.channels, c.num_heads, c.vocab_size, c.padded_vocab, c.max_seq_len,
+                P / 1e6);
   std::printf(
       "batch: B=%d T=%d x %d micro-steps = %lld tokens/step, %d steps, recompute %s (%d of %d "
       "block activations rebuilt)\n",

@@ -27,7 +27,7 @@ struct Timing {
   float loss = 0;
 };
 
-Timing run(const GPT2Config& c, const std::string& shard, int B, int T, int steps, bool naive) {
+Timing run(const ModelConfig& c, const std::string& shard, int B, int T, int steps, bool naive) {
   cpu::set_gemm_naive(naive);
   std::vector<float> p(num_params(c));
   init_params(p.data(), c, 1);
@@ -79,7 +79,7 @@ int main(int argc, char** argv) {
     else if (a == "--write")
       write = argv[i + 1];
   }
-  GPT2Config c = preset_config("gpt2");
+  ModelConfig c = preset_config("gpt2");
   char tmpl[] = "/tmp/remat_bench_XXXXXX";
   std::string dir = mkdtemp(tmpl);
   std::vector<uint16_t> tok(size_t(B) * T * (2 * steps + 4) + 1);

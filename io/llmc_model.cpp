@@ -13,12 +13,6 @@ namespace {
 constexpr size_t kHeaderBytes = kModelHeaderInts * sizeof(int32_t);
 constexpr size_t kChunk = 1 << 16;  // elements converted per write/read step
 
-std::string dims_string(const GPT2Config& c) {
-  return "maxT=" + std::to_string(c.max_seq_len) + " V=" + std::to_string(c.vocab_size) +
-         " L=" + std::to_string(c.num_layers) + " NH=" + std::to_string(c.num_heads) +
-         " C=" + std::to_string(c.channels) + " Vp=" + std::to_string(c.padded_vocab);
-}
-
 size_t elem_size(int version) {
   return version == 5 ? 2 : 4;
 }
@@ -41,42 +35,32 @@ float bf16_to_float(uint16_t b) {
   return x;
 }
 
-void check_config(const GPT2Config& c, const std::string& where) {
-  const int dims[] = {c.max_seq_len, c.vocab_size, c.num_layers,
-                      c.num_heads,   c.channels,   c.padded_vocab};
-  for (int d : dims)
-    if (d <= 0) throw Error(where + ": model dimensions must be positive (" + dims_string(c) + ")");
-  if (c.channels % c.num_heads != 0)
-    throw Error(where + ": channels C=" + std::to_string(c.channels) +
-                " is not a multiple of the head count NH=" + std::to_string(c.num_heads));
-  if (c.padded_vocab < c.vocab_size)
-    throw Error(where + ": padded vocabulary Vp=" + std::to_string(c.padded_vocab) +
-                " is smaller than the vocabulary V=" + std::to_string(c.vocab_size));
-  // Every factor is < 2^31, so each term (at most 4 factors plus 4 below) fits in 128 bits.
-  using u128 = unsigned __int128;
-  const u128 Vp = c.padded_vocab, C = c.channels, L = c.num_layers, T = c.max_seq_len;
-  const u128 total = Vp * C + T * C + L * (12 * C * C + 13 * C) + 2 * C;
-  const u128 limit = static_cast<u128>(1) << 60;  // elements; 4 bytes each stays below 2^63
-  if (total >= limit)
-    throw Error(where + ": model dimensions overflow: the parameter count of " + dims_string(c) +
-                " does not fit in 64 bits");
-}
-
-void check_model_matches(const GPT2Config& want, const GPT2Config& got, const std::string& path) {
+void check_model_matches(const ModelConfig& want, const ModelConfig& got, const std::string& path) {
   struct Field {
     const char* name;
     int want, got;
   };
+  if (want.family != got.family || want.model_type != got.model_type)
+    throw Error(path + ": model is a " + got.model_type + " but the run expects a " +
+                want.model_type);
   const Field fields[] = {{"max_seq_len (maxT)", want.max_seq_len, got.max_seq_len},
                           {"vocab_size (V)", want.vocab_size, got.vocab_size},
                           {"padded_vocab (Vp)", want.padded_vocab, got.padded_vocab},
                           {"num_layers (L)", want.num_layers, got.num_layers},
                           {"num_heads (NH)", want.num_heads, got.num_heads},
-                          {"channels (C)", want.channels, got.channels}};
+                          {"channels (C)", want.channels, got.channels},
+                          {"num_kv_heads (NKV)", want.kv_heads(), got.kv_heads()},
+                          {"intermediate (I)", want.mlp_width(), got.mlp_width()},
+                          {"qkv biases", want.qkv_bias, got.qkv_bias},
+                          {"tied embeddings", want.tied_embeddings, got.tied_embeddings}};
   for (const Field& f : fields)
     if (f.want != f.got)
       throw Error(path + ": model has " + f.name + " = " + std::to_string(f.got) +
                   " but the run expects " + std::to_string(f.want));
+  if (want.norm_eps != got.norm_eps || want.rope_theta != got.rope_theta)
+    throw Error(path + ": model has norm epsilon " + std::to_string(got.norm_eps) +
+                " and rope theta " + std::to_string(got.rope_theta) + " but the run expects " +
+                std::to_string(want.norm_eps) + " and " + std::to_string(want.rope_theta));
 }
 
 ModelFile read_llmc_model(const std::string& path) {
@@ -123,12 +107,14 @@ ModelFile read_llmc_model(const std::string& path) {
   return m;
 }
 
-void write_llmc_model(const std::string& path, const GPT2Config& c, const float* params,
+void write_llmc_model(const std::string& path, const ModelConfig& c, const float* params,
                       int version) {
   if (version != 3 && version != 5)
     throw Error(path + ": cannot write model file version " + std::to_string(version) +
                 " (supported: 3 = fp32, 5 = bf16)");
   check_config(c, path);
+  if (c.family != Family::kGPT2)
+    throw Error(path + ": llm.c's model file holds GPT-2 models only, not a " + c.model_type);
   int32_t h[kModelHeaderInts] = {};
   h[0] = kModelMagic;
   h[1] = version;

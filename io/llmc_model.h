@@ -17,7 +17,7 @@ constexpr int32_t kModelMagic = 20240326;
 constexpr int kModelHeaderInts = 256;
 
 struct ModelFile {
-  GPT2Config config;
+  ModelConfig config;
   std::vector<float> params;  // (num_params(config)) fp32, bf16 files widened exactly
   int version = 3;            // 3 or 5, as stored in the file
 };
@@ -30,15 +30,11 @@ ModelFile read_llmc_model(const std::string& path);
 // Writes atomically (io/atomic_file.h). version 3 stores fp32 exactly; version 5 rounds
 // each parameter to the nearest bf16, ties to even (NaN stays NaN). params holds
 // num_params(c) floats.
-void write_llmc_model(const std::string& path, const GPT2Config& c, const float* params,
+void write_llmc_model(const std::string& path, const ModelConfig& c, const float* params,
                       int version);
 
-// Throws an Error naming `where` unless every dimension is positive, C % NH == 0, V <= Vp,
-// V <= Vp < 2^31 and the parameter count (and its size in bytes) fits in 64 bits.
-void check_config(const GPT2Config& c, const std::string& where);
-
 // Throws an Error naming `path` and the first field that differs (with both values).
-void check_model_matches(const GPT2Config& want, const GPT2Config& got, const std::string& path);
+void check_model_matches(const ModelConfig& want, const ModelConfig& got, const std::string& path);
 
 // fp32 -> bf16 bits, round to nearest, ties to even; NaN maps to a quiet NaN.
 uint16_t float_to_bf16(float x);

@@ -12,7 +12,9 @@
 namespace remat {
 namespace {
 
-constexpr size_t kHeaderBytes = 112;  // everything before the arrays
+constexpr size_t kHeaderBytes = 112;  // version 1: everything before the arrays
+constexpr size_t kModelBlockBytes = 48;  // version 2 adds the Llama family's fields
+constexpr size_t kModelTypeBytes = 24;
 constexpr size_t kChunkBytes = 1 << 20;
 
 // Appends / extracts little-endian scalars of a fixed-layout header.
@@ -37,22 +39,13 @@ struct HeaderReader {
   }
 };
 
-std::string tensor_of(size_t index, const GPT2Config& c) {
-  const auto off = param_offsets(c);
-  const auto sizes = param_sizes(c);
-  for (int t = 0; t < kNumParamTensors; t++)
-    if (index >= off[t] && index < off[t] + sizes[t])
-      return std::string(param_name(t)) + "[" + std::to_string(index - off[t]) + "]";
-  return "?";
-}
-
-void check_finite(const std::vector<float>& a, const char* name, const GPT2Config& c,
+void check_finite(const std::vector<float>& a, const char* name, const ModelConfig& c,
                   const std::string& path) {
   for (size_t i = 0; i < a.size(); i++)
     if (!std::isfinite(a[i]))
       throw Error(path + ": refusing to save a training state with non-finite " + name + "[" +
                   std::to_string(i) + "] = " + std::to_string(a[i]) + " (tensor " +
-                  tensor_of(i, c) + ")");
+                  param_element_name(c, i) + ")");
 }
 
 }  // namespace
@@ -99,6 +92,23 @@ void save_train_state(const std::string& path, const TrainState& s) {
   h.put<uint64_t>(s.v.size());
   h.put<uint64_t>(s.extra_json.size());
   REMAT_CHECK(h.at == kHeaderBytes, "train state header layout");
+  // Version 2: the model block (GPT-2 states stay version 1, byte for byte as before).
+  uint8_t model_block[kModelBlockBytes] = {};
+  const bool v2 = s.config.family != Family::kGPT2;
+  if (v2) {
+    std::memcpy(h.bytes + 4, &kTrainStateVersion, 4);
+    int32_t f[6] = {1, s.config.num_kv_heads, s.config.intermediate, 0, 0,
+                    (s.config.qkv_bias ? 1 : 0) | (s.config.tied_embeddings ? 2 : 0)};
+    std::memcpy(&f[3], &s.config.norm_eps, 4);
+    std::memcpy(&f[4], &s.config.rope_theta, 4);
+    std::memcpy(model_block, f, sizeof f);
+    REMAT_REQUIRE(s.config.model_type.size() < kModelTypeBytes,
+                  path + ": model type '" + s.config.model_type + "' is too long");
+    std::memcpy(model_block + sizeof f, s.config.model_type.data(), s.config.model_type.size());
+  } else {
+    const uint32_t one = 1;
+    std::memcpy(h.bytes + 4, &one, 4);
+  }
 
   write_file_atomic(path, [&](FILE* f) {
     uint64_t hash = kFnvOffset;
@@ -107,6 +117,7 @@ void save_train_state(const std::string& path, const TrainState& s) {
       write_all(f, data, bytes, path);
     };
     put(h.bytes, kHeaderBytes);
+    if (v2) put(model_block, kModelBlockBytes);
     put(s.params.data(), s.params.size() * sizeof(float));
     put(s.m.data(), s.m.size() * sizeof(float));
     put(s.v.data(), s.v.size() * sizeof(float));
@@ -130,9 +141,9 @@ TrainState load_train_state(const std::string& path) {
     throw Error(path + ": not a remat training state: expected magic " +
                 std::to_string(kTrainStateMagic) + " and found " + std::to_string(magic));
   const uint32_t version = h.get<uint32_t>();
-  if (version != kTrainStateVersion)
+  if (version != 1 && version != kTrainStateVersion)
     throw Error(path + ": unsupported training state version " + std::to_string(version) +
-                " (supported: " + std::to_string(kTrainStateVersion) + ")");
+                " (supported: 1 and " + std::to_string(kTrainStateVersion) + ")");
   TrainState s;
   s.config.max_seq_len = h.get<int32_t>();
   s.config.vocab_size = h.get<int32_t>();
@@ -148,6 +159,33 @@ TrainState load_train_state(const std::string& path) {
   (void)h.get<uint64_t>();  // reserved
   const uint64_t np = h.get<uint64_t>(), nm = h.get<uint64_t>(), nv = h.get<uint64_t>();
   const uint64_t ne = h.get<uint64_t>();
+  size_t header = kHeaderBytes;
+  if (version == 2) {
+    header += kModelBlockBytes;
+    if (r.size() < header + sizeof(uint64_t))
+      throw Error(path + ": truncated training state: the file holds " +
+                  std::to_string(r.size()) + " bytes, less than its header and checksum");
+    uint8_t mb[kModelBlockBytes];
+    r.read(mb, kModelBlockBytes, "the model block");
+    hash = fnv1a(mb, kModelBlockBytes, hash);
+    int32_t f[6];
+    std::memcpy(f, mb, sizeof f);
+    if (f[0] != 1)
+      throw Error(path + ": corrupt training state: unknown model family " + std::to_string(f[0]));
+    s.config.family = Family::kLlama;
+    s.config.num_kv_heads = f[1];
+    s.config.intermediate = f[2];
+    std::memcpy(&s.config.norm_eps, &f[3], 4);
+    std::memcpy(&s.config.rope_theta, &f[4], 4);
+    s.config.qkv_bias = (f[5] & 1) != 0;
+    s.config.tied_embeddings = (f[5] & 2) != 0;
+    const char* mt = reinterpret_cast<const char*>(mb + sizeof f);
+    s.config.model_type.assign(mt, strnlen(mt, kModelTypeBytes - 1));
+    if (s.config.model_type != "llama" && s.config.model_type != "qwen2" &&
+        s.config.model_type != "mistral")
+      throw Error(path + ": corrupt training state: unknown model type '" +
+                  s.config.model_type + "'");
+  }
 
   check_config(s.config, path);
   const uint64_t n = num_params(s.config);
@@ -157,10 +195,9 @@ TrainState load_train_state(const std::string& path) {
                 " disagree with the config's " + std::to_string(n) + " parameters");
   // n < 2^60 (check_config), so the sum below cannot overflow unless ne is absurd.
   const uint64_t arrays = 4 * (np + nm + nv);
-  if (ne > r.size() || arrays > r.size() ||
-      kHeaderBytes + arrays + ne + sizeof(uint64_t) != r.size()) {
+  if (ne > r.size() || arrays > r.size() || header + arrays + ne + sizeof(uint64_t) != r.size()) {
     const bool absurd = ne > r.size() || arrays > r.size();
-    const uint64_t want = kHeaderBytes + arrays + ne + sizeof(uint64_t);
+    const uint64_t want = header + arrays + ne + sizeof(uint64_t);
     throw Error(
         path + ": " + (absurd || want > r.size() ? "truncated or corrupt" : "corrupt") +
         " training state: its header describes " +

@@ -5,7 +5,10 @@
 // Vp, L, NH, C; int64 step; int64 loader epoch, shard, batch_in_shard; uint64 rng_seed,
 // uint64 reserved (written 0, ignored on read: once a counter nothing used); uint64 lengths of
 // params, m, v (floats) and extra_json (bytes); the params, m and v arrays (fp32); the extra_json
-// bytes; then a uint64 FNV-1a hash of every byte before it.
+// bytes; then a uint64 FNV-1a hash of every byte before it. GPT-2 states are version 1.
+// Version 2 (the Llama family) puts a 48-byte model block after the 112-byte header, before
+// the arrays: int32 family (1 = Llama family), NKV, I; float32 norm epsilon, rope theta;
+// int32 flags (1: qkv biases, 2: tied embedding); the model type, 24 bytes zero-padded.
 #pragma once
 #include <cstdint>
 #include <string>
@@ -17,10 +20,10 @@
 namespace remat {
 
 constexpr uint32_t kTrainStateMagic = 0x54534D52;  // 'RMST'
-constexpr uint32_t kTrainStateVersion = 1;
+constexpr uint32_t kTrainStateVersion = 2;
 
 struct TrainState {
-  GPT2Config config;
+  ModelConfig config;
   int64_t step = 0;           // optimizer steps taken
   std::vector<float> params;  // (num_params(config))
   std::vector<float> m, v;    // AdamW moments: empty (none yet) or (num_params(config))

@@ -21,7 +21,7 @@ float learning_rate(const Hyper& h, int64_t step) {
   return static_cast<float>(h.lr * (h.final_frac + (1.0 - h.final_frac) * coeff));
 }
 
-Trainer::Trainer(const GPT2Config& c, int B, int T, int accum, const Hyper& h, Plan plan,
+Trainer::Trainer(const ModelConfig& c, int B, int T, int accum, const Hyper& h, Plan plan,
                  ScheduleOptions sched, std::vector<float> params, Backend* backend)
     : c_(c),
       B_(B),
@@ -142,21 +142,26 @@ StepResult Trainer::step(DataLoader& data) {
     return r;
   }
   const float scale = cpu::clip_scale(norm, h_.grad_clip);
-  auto sizes = param_sizes(c_);
-  auto offs = param_offsets(c_);
   NvtxRange nvtx_optimizer("optimizer");
   const size_t es = be_->elem_bytes();
-  for (int t = 0; t < kNumParamTensors; t++) {
+  // One update per run of neighbouring tensors with the same decay (elementwise: the grouping
+  // changes no value).
+  const std::vector<ParamTensor> table = param_table(c_);
+  for (size_t a = 0; a < table.size();) {
+    size_t b = a + 1;
+    while (b < table.size() && table[b].decay == table[a].decay) b++;
+    const size_t off = table[a].offset, n = table[b - 1].offset + table[b - 1].count() - off;
     cpu::AdamWParams p{r.lr,
                        h_.beta1,
                        h_.beta2,
                        h_.eps,
-                       param_decays(t) ? h_.weight_decay : 0.0f,
+                       table[a].decay ? h_.weight_decay : 0.0f,
                        static_cast<int>(step_ + 1),
                        scale};
-    void* w = weights_ == master_ ? nullptr : static_cast<char*>(weights_) + offs[t] * es;
-    be_->adamw(s, master_ + offs[t], m_dev_ + offs[t], v_dev_ + offs[t],
-               static_cast<char*>(grads_dev_) + offs[t] * es, w, sizes[t], p);
+    void* w = weights_ == master_ ? nullptr : static_cast<char*>(weights_) + off * es;
+    be_->adamw(s, master_ + off, m_dev_ + off, v_dev_ + off,
+               static_cast<char*>(grads_dev_) + off * es, w, n, p);
+    a = b;
   }
   s->synchronize();
   step_++;
@@ -192,8 +197,11 @@ TrainState Trainer::state(const DataLoader& data) {
 }
 
 void Trainer::restore(const TrainState& s) {
-  const GPT2Config& a = s.config;
-  REMAT_CHECK(a.num_layers == c_.num_layers && a.channels == c_.channels &&
+  const ModelConfig& a = s.config;
+  REMAT_CHECK(a.family == c_.family && a.kv_heads() == c_.kv_heads() &&
+                  a.mlp_width() == c_.mlp_width() && a.qkv_bias == c_.qkv_bias &&
+                  a.tied_embeddings == c_.tied_embeddings && a.num_layers == c_.num_layers &&
+                  a.channels == c_.channels &&
                   a.num_heads == c_.num_heads && a.vocab_size == c_.vocab_size &&
                   a.padded_vocab == c_.padded_vocab && a.max_seq_len == c_.max_seq_len,
               "the training state's model shape differs from this run's model");
@@ -201,12 +209,12 @@ void Trainer::restore(const TrainState& s) {
   step_ = s.step;
 }
 
-std::vector<int> sample_tokens(const GPT2Config& c, const float* params,
+std::vector<int> sample_tokens(const ModelConfig& c, const float* params,
                                const std::vector<int>& prompt, int n, float temperature,
                                uint64_t seed, uint64_t stream) {
   REMAT_CHECK(!prompt.empty(), "sampling needs at least one prompt token");
   const int T = std::min<int>(c.max_seq_len, static_cast<int>(prompt.size()) + n);
-  GPT2Runner runner(c, 1, T, parse_plan("none", c), ActDType::kFP32, {}, false);
+  ModelRunner runner(c, 1, T, parse_plan("none", c), ActDType::kFP32, {}, false);
   std::vector<int> seq = prompt, window(T), out;
   std::vector<float> logits(c.padded_vocab);
   Philox rng(seed, stream);

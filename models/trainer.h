@@ -9,7 +9,7 @@
 #include "io/config.h"
 #include "io/shards.h"
 #include "io/train_state.h"
-#include "models/gpt2.h"
+#include "models/model.h"
 
 namespace remat {
 
@@ -40,7 +40,7 @@ class Trainer {
  public:
   // params: initial weights (num_params(c)); m, v start at zero unless restored.
   // backend nullptr = the CPU backend.
-  Trainer(const GPT2Config& c, int B, int T, int accum, const Hyper& h, Plan plan,
+  Trainer(const ModelConfig& c, int B, int T, int accum, const Hyper& h, Plan plan,
           ScheduleOptions sched, std::vector<float> params, Backend* backend = nullptr);
   ~Trainer();
   Trainer(const Trainer&) = delete;
@@ -51,12 +51,12 @@ class Trainer {
   // Mean loss over `batches` batches from `data` (which is reset first).
   float evaluate(DataLoader& data, int batches);
 
-  const GPT2Config& config() const { return c_; }
+  const ModelConfig& config() const { return c_; }
   int64_t steps_done() const { return step_; }
   // fp32 host copies of the weights (the master weights) and of the last step's gradients.
   const std::vector<float>& params();
   const std::vector<float>& grads();
-  GPT2Runner& runner() { return runner_; }
+  ModelRunner& runner() { return runner_; }
   Backend& backend() { return *be_; }
   Hyper& hyper() { return h_; }
 
@@ -75,11 +75,11 @@ class Trainer {
   // Weights (master and working copy) and moments from s (moments zero when s has none).
   void load_weights_and_moments(const TrainState& s);
 
-  GPT2Config c_;
+  ModelConfig c_;
   int B_, T_, accum_;
   Hyper h_;
   Backend* be_;
-  GPT2Runner runner_;
+  ModelRunner runner_;
   size_t n_ = 0;  // parameters
   // Host vectors: the CPU backend's state itself, the CUDA backend's on-request copies.
   std::vector<float> params_, grads_, m_, v_;
@@ -95,7 +95,7 @@ class Trainer {
 // Generates `n` tokens after `prompt` (at least one token) by sampling at `temperature`
 // (0 = greedy) with a counter-based generator at (seed, stream). Context: the last
 // max_seq_len tokens.
-std::vector<int> sample_tokens(const GPT2Config& c, const float* params,
+std::vector<int> sample_tokens(const ModelConfig& c, const float* params,
                                const std::vector<int>& prompt, int n, float temperature,
                                uint64_t seed, uint64_t stream);
 

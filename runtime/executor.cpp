@@ -62,7 +62,7 @@ std::vector<ReplayStep> replay_of(const Program& p, const Plan& plan, int block)
     ReplayStep st;
     st.op = i;
     st.norm_only =
-        op.kind == OpKind::kResidualLayerNorm && !need[op.out[0]] && kept(p, plan, op.out[0]);
+        is_residual_norm(op.kind) && !need[op.out[0]] && kept(p, plan, op.out[0]);
     const std::vector<TensorId> reads = st.norm_only ? std::vector<TensorId>{op.out[0]} : op.in;
     for (TensorId t : reads) {
       if (kept(p, plan, t) || need[t]) continue;
@@ -396,15 +396,36 @@ struct Executor::Impl {
                                          in(1), w(op, 0), w(op, 1), N, C, label, op.block);
         break;
       }
+      case OpKind::kRMSNorm:
+        be->rmsnorm_forward(s, out[0]->ptr, extra_of(*out[0], op.out[0]), in(0), w(op, 0), N, C,
+                            op.eps, label, op.block);
+        break;
+      case OpKind::kResidualRMSNorm: {
+        float* rstd = extra_of(*out[1], op.out[1]);
+        if (norm_only)
+          be->rmsnorm_forward(s, out[1]->ptr, rstd, blk[op.out[0]].ptr, w(op, 0), N, C, op.eps,
+                              label, op.block);
+        else
+          be->residual_rmsnorm_forward(s, out[0]->ptr, out[1]->ptr, rstd, in(0), in(1), w(op, 0),
+                                       N, C, op.eps, label, op.block);
+        break;
+      }
       case OpKind::kMatmul:
         be->matmul_forward(s, out[0]->ptr, in(0), w(op, 0), w(op, 1), N, C, op.OC, label, op.block);
         break;
       case OpKind::kGelu:
         be->gelu_forward(s, out[0]->ptr, in(0), size_t(N) * C, label, op.block);
         break;
+      case OpKind::kSwiGLU:
+        be->swiglu_forward(s, out[0]->ptr, in(0), N, C, label, op.block);
+        break;
+      case OpKind::kRope:
+        be->rope_forward(s, out[0]->ptr, in(0), op.B, op.T, op.NH, op.NKV, op.HD, op.theta, label,
+                         op.block);
+        break;
       case OpKind::kAttention:
         be->attention_forward(s, out[0]->ptr, extra_of(*out[0], op.out[0]), in(0), op.B, op.T, C,
-                              op.NH, label, op.block);
+                              op.NH, op.NKV, label, op.block);
         break;
       case OpKind::kClassifier:
         throw Error("internal: the loss op runs through run_loss");
@@ -693,7 +714,8 @@ struct Executor::Impl {
         arena->free(losses, s);
         break;
       }
-      case OpKind::kResidualLayerNorm: {
+      case OpKind::kResidualLayerNorm:
+      case OpKind::kResidualRMSNorm: {
         const TensorId res = op.out[0], ln = op.out[1];
         if (!has_grad(res)) new_grad(res, /*zero=*/true);
         issue_down_to(eff - opt.lookahead);
@@ -701,8 +723,12 @@ struct Executor::Impl {
         if (has_grad(ln)) {
           check_sole(res);
           const float* st = extra_of(blk[ln], ln);
-          be->layernorm_backward(s, grad_ptr(res), g(op, 0), g(op, 1), grad_ptr(ln), act(res),
-                                 w(op, 0), st, rstd_of(st, N), N, C, label, op.block);
+          if (op.kind == OpKind::kResidualLayerNorm)
+            be->layernorm_backward(s, grad_ptr(res), g(op, 0), g(op, 1), grad_ptr(ln), act(res),
+                                   w(op, 0), st, rstd_of(st, N), N, C, label, op.block);
+          else
+            be->rmsnorm_backward(s, grad_ptr(res), g(op, 0), grad_ptr(ln), act(res), w(op, 0), st,
+                                 N, C, label, op.block);
         }
         consume_grad(ln);
         input_grad(op, 0, false);
@@ -735,6 +761,10 @@ struct Executor::Impl {
                                    N, C, label, op.block);
             break;
           }
+          case OpKind::kRMSNorm:
+            be->rmsnorm_backward(s, dx, g(op, 0), dout, x, w(op, 0), extra_of(blk[out], out), N, C,
+                                 label, op.block);
+            break;
           case OpKind::kMatmul:
             be->matmul_backward(s, dx, g(op, 0), g(op, 1), dout, x, w(op, 0), N, C, op.OC, label,
                                 op.block);
@@ -742,10 +772,17 @@ struct Executor::Impl {
           case OpKind::kGelu:
             be->gelu_backward(s, dx, x, dout, size_t(N) * C, label, op.block);
             break;
+          case OpKind::kSwiGLU:
+            be->swiglu_backward(s, dx, x, dout, N, C, label, op.block);
+            break;
+          case OpKind::kRope:
+            be->rope_backward(s, dx, dout, op.B, op.T, op.NH, op.NKV, op.HD, op.theta, label,
+                              op.block);
+            break;
           case OpKind::kAttention: {
             const float* lse = extra_of(blk[out], out);
-            be->attention_backward(s, dx, dout, x, act(out), lse, op.B, op.T, C, op.NH, label,
-                                   op.block);
+            be->attention_backward(s, dx, dout, x, act(out), lse, op.B, op.T, C, op.NH, op.NKV,
+                                   label, op.block);
             break;
           }
           default:

@@ -15,10 +15,18 @@ const char* op_kind_name(OpKind k) {
       return "layernorm";
     case OpKind::kResidualLayerNorm:
       return "residual_layernorm";
+    case OpKind::kRMSNorm:
+      return "rmsnorm";
+    case OpKind::kResidualRMSNorm:
+      return "residual_rmsnorm";
     case OpKind::kMatmul:
       return "matmul";
     case OpKind::kGelu:
       return "gelu";
+    case OpKind::kSwiGLU:
+      return "swiglu";
+    case OpKind::kRope:
+      return "rope";
     case OpKind::kAttention:
       return "attention";
     case OpKind::kClassifier:
@@ -48,8 +56,10 @@ const char* tensor_class_name(TensorClass c) {
 GradMode grad_mode(OpKind k, int input) {
   switch (k) {
     case OpKind::kLayerNorm:
+    case OpKind::kRMSNorm:
       return GradMode::kAccumulate;
     case OpKind::kResidualLayerNorm:
+    case OpKind::kResidualRMSNorm:
       return GradMode::kPassThrough;
     default:
       (void)input;
@@ -62,10 +72,13 @@ TensorClass output_class(OpKind k, int output) {
     case OpKind::kEmbedding:
       return TensorClass::kEmbedding;
     case OpKind::kLayerNorm:
+    case OpKind::kRMSNorm:
       return TensorClass::kNorm;
     case OpKind::kResidualLayerNorm:
+    case OpKind::kResidualRMSNorm:
       return output == 0 ? TensorClass::kResidual : TensorClass::kNorm;
     case OpKind::kGelu:
+    case OpKind::kSwiGLU:
       return TensorClass::kActivation;
     case OpKind::kAttention:
       return TensorClass::kAttention;
@@ -77,23 +90,27 @@ TensorClass output_class(OpKind k, int output) {
 bool backward_reads_input(OpKind k, int input) {
   switch (k) {
     case OpKind::kLayerNorm:   // d x needs x
+    case OpKind::kRMSNorm:     // d x needs x
     case OpKind::kMatmul:      // d w needs x
     case OpKind::kGelu:        // d x needs x
+    case OpKind::kSwiGLU:      // d x needs x
     case OpKind::kAttention:   // needs q, k, v
     case OpKind::kClassifier:  // the logits are rebuilt from x
       (void)input;
       return true;
     default:
-      return false;  // embedding reads tokens; residual LayerNorm reads its sum
+      return false;  // embedding reads tokens; residual norms read their sum; rope nothing
   }
 }
 
 bool backward_reads_output(OpKind k, int output) {
   switch (k) {
     case OpKind::kLayerNorm:
-      return true;  // mean, rstd
+    case OpKind::kRMSNorm:
+      return true;  // mean, rstd / rstd
     case OpKind::kResidualLayerNorm:
-      return true;  // the sum (0) and mean, rstd (1)
+    case OpKind::kResidualRMSNorm:
+      return true;  // the sum (0) and the statistics (1)
     case OpKind::kAttention:
       return true;  // out and lse
     default:
@@ -112,12 +129,23 @@ OpWork op_work(const OpDesc& op, int es, bool norm_only) {
     case OpKind::kResidualLayerNorm:
       if (norm_only) return {8 * N * C, 2 * N * C * es + 8 * N};
       return {9 * N * C, 4 * N * C * es + 8 * N};
+    case OpKind::kRMSNorm:
+      return {4 * N * C, 2 * N * C * es + 4 * N};
+    case OpKind::kResidualRMSNorm:
+      if (norm_only) return {4 * N * C, 2 * N * C * es + 4 * N};
+      return {5 * N * C, 4 * N * C * es + 4 * N};
     case OpKind::kMatmul:
       return {2 * N * C * op.OC, (N * C + N * op.OC + C * double(op.OC)) * es};
     case OpKind::kGelu:
       return {8 * N * C, 2 * N * C * es};
-    case OpKind::kAttention:  // causal: half of the 4 T^2 C FLOPs per sequence
-      return {2.0 * op.B * double(op.T) * op.T * C, 4 * N * C * es};
+    case OpKind::kSwiGLU:  // C = I: reads 2I, writes I per row
+      return {6 * N * C, 3 * N * C * es};
+    case OpKind::kRope:  // C = the packed row width
+      return {3 * N * C, 2 * N * C * es};
+    case OpKind::kAttention: {  // causal: half of the 4 T^2 C FLOPs per sequence
+      const double kv = op.NH > 0 ? 2.0 * C * op.NKV / op.NH : 2 * C;
+      return {2.0 * op.B * double(op.T) * op.T * C, (3 * C + kv) * N * es};
+    }
     case OpKind::kClassifier:
       return {2 * N * C * op.Vp, (N * C + C * double(op.Vp)) * es};
   }
@@ -248,6 +276,42 @@ std::pair<TensorId, TensorId> ProgramBuilder::residual_layernorm(TensorId x, Ten
   return {res, ln};
 }
 
+TensorId ProgramBuilder::rmsnorm(TensorId x, ParamId w, float eps, const std::string& name) {
+  const TensorDesc in = p_.tensors.at(x);  // a copy: add_tensor may move the vector
+  OpDesc op;
+  op.kind = OpKind::kRMSNorm;
+  op.name = name;
+  op.in = {x};
+  op.out = {add_tensor(name, in.rows, in.cols, in.rows, name + ".rstd")};
+  op.params = {w};
+  op.C = static_cast<int>(in.cols);
+  op.eps = eps;
+  add_op(op);
+  return op.out[0];
+}
+
+std::pair<TensorId, TensorId> ProgramBuilder::residual_rmsnorm(TensorId x, TensorId y, ParamId w,
+                                                               float eps,
+                                                               const std::string& res_name,
+                                                               const std::string& ln_name,
+                                                               const std::string& op_name) {
+  const TensorDesc in = p_.tensors.at(x);
+  REMAT_CHECK(p_.tensors.at(y).rows == in.rows && p_.tensors.at(y).cols == in.cols,
+              "program: residual '" + res_name + "' adds tensors of different shapes");
+  OpDesc op;
+  op.kind = OpKind::kResidualRMSNorm;
+  op.name = op_name;
+  op.in = {x, y};
+  const TensorId res = add_tensor(res_name, in.rows, in.cols, 0, "");
+  const TensorId ln = add_tensor(ln_name, in.rows, in.cols, in.rows, ln_name + ".rstd");
+  op.out = {res, ln};
+  op.params = {w};
+  op.C = static_cast<int>(in.cols);
+  op.eps = eps;
+  add_op(op);
+  return {res, ln};
+}
+
 TensorId ProgramBuilder::matmul(TensorId x, ParamId w, ParamId bias, int OC,
                                 const std::string& name) {
   const TensorDesc in = p_.tensors.at(x);  // a copy: add_tensor may move the vector
@@ -275,11 +339,53 @@ TensorId ProgramBuilder::gelu(TensorId x, const std::string& name) {
   return op.out[0];
 }
 
-TensorId ProgramBuilder::attention(TensorId qkv, int NH, const std::string& name) {
+namespace {
+// The head dimension of packed qkv rows of `cols` columns with NH query and NKV kv heads.
+int packed_head_dim(size_t cols, int NH, int NKV, const std::string& name) {
+  const size_t heads = size_t(NH) + 2 * size_t(NKV);
+  REMAT_CHECK(NH > 0 && NKV > 0 && NH % NKV == 0 && cols % heads == 0,
+              "program: '" + name + "' needs packed q, k, v split over " + std::to_string(NH) +
+                  " query and " + std::to_string(NKV) + " key/value heads");
+  return static_cast<int>(cols / heads);
+}
+}  // namespace
+
+TensorId ProgramBuilder::swiglu(TensorId x, const std::string& name) {
+  const TensorDesc in = p_.tensors.at(x);  // a copy: add_tensor may move the vector
+  REMAT_CHECK(in.cols % 2 == 0, "program: swiglu '" + name + "' needs [gate | up] rows");
+  OpDesc op;
+  op.kind = OpKind::kSwiGLU;
+  op.name = name;
+  op.in = {x};
+  op.out = {add_tensor(name, in.rows, in.cols / 2, 0, "")};
+  op.C = static_cast<int>(in.cols / 2);
+  add_op(op);
+  return op.out[0];
+}
+
+TensorId ProgramBuilder::rope(TensorId qkv, int NH, int NKV, float theta,
+                              const std::string& name) {
   const TensorDesc in = p_.tensors.at(qkv);  // a copy: add_tensor may move the vector
-  REMAT_CHECK(in.cols % 3 == 0 && NH > 0 && (in.cols / 3) % NH == 0,
-              "program: attention '" + name + "' needs packed q, k, v split over the heads");
-  const size_t C = in.cols / 3;
+  const int HD = packed_head_dim(in.cols, NH, NKV, name);
+  REMAT_CHECK(HD % 2 == 0, "program: rope '" + name + "' needs an even head dimension");
+  OpDesc op;
+  op.kind = OpKind::kRope;
+  op.name = name;
+  op.in = {qkv};
+  op.out = {add_tensor(name, in.rows, in.cols, 0, "")};
+  op.C = static_cast<int>(in.cols);
+  op.NH = NH;
+  op.NKV = NKV;
+  op.HD = HD;
+  op.theta = theta;
+  add_op(op);
+  return op.out[0];
+}
+
+TensorId ProgramBuilder::attention(TensorId qkv, int NH, int NKV, const std::string& name) {
+  const TensorDesc in = p_.tensors.at(qkv);  // a copy: add_tensor may move the vector
+  const int HD = packed_head_dim(in.cols, NH, NKV, name);
+  const size_t C = size_t(NH) * HD;
   OpDesc op;
   op.kind = OpKind::kAttention;
   op.name = name;
@@ -287,6 +393,8 @@ TensorId ProgramBuilder::attention(TensorId qkv, int NH, const std::string& name
   op.out = {add_tensor(name, in.rows, C, in.rows * NH, name + ".lse")};
   op.C = static_cast<int>(C);
   op.NH = NH;
+  op.NKV = NKV;
+  op.HD = HD;
   add_op(op);
   return op.out[0];
 }

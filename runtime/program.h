@@ -18,14 +18,22 @@ namespace remat {
 
 // The kernels an op may run (runtime/backend.h has their contracts).
 enum class OpKind {
-  kEmbedding,          // out = wte[tokens] + wpe[t]
+  kEmbedding,          // out = wte[tokens] + wpe[t] (no wpe: out = wte[tokens])
   kLayerNorm,          // out (+ mean, rstd) = LayerNorm(x; w, b)
   kResidualLayerNorm,  // res = x + y; out (+ mean, rstd) = LayerNorm(res; w, b)
+  kRMSNorm,            // out (+ rstd) = RMSNorm(x; w)
+  kResidualRMSNorm,    // res = x + y; out (+ rstd) = RMSNorm(res; w)
   kMatmul,             // out = x @ w^T + bias
   kGelu,               // out = GeLU(x) (tanh form)
+  kSwiGLU,             // out = silu(gate) * up from x = [gate | up]
+  kRope,               // out = x with its q and k heads rotated (rotary position embedding)
   kAttention,          // out (+ lse) = causal softmax(q k^T / sqrt(HD)) v, from packed qkv
   kClassifier,         // loss = cross-entropy(x @ wte^T, targets), chunked; no tensor output
 };
+// A fused residual add + normalization (its sum may be stored and the norm replayed alone).
+inline bool is_residual_norm(OpKind k) {
+  return k == OpKind::kResidualLayerNorm || k == OpKind::kResidualRMSNorm;
+}
 const char* op_kind_name(OpKind k);
 
 // What kind of value an op output is; the plan's presets are defined by these classes, so
@@ -34,7 +42,7 @@ enum class TensorClass {
   kEmbedding,   // embedding lookups
   kNorm,        // normalization outputs (memory-bound)
   kResidual,    // residual sums
-  kMatmul,      // GEMM outputs
+  kMatmul,      // GEMM outputs, and the rotary embedding of one (it rotates the projection)
   kActivation,  // activation-function outputs (memory-bound)
   kAttention,   // attention outputs
 };
@@ -75,8 +83,12 @@ struct OpDesc {
   int block = kNoBlock;
   std::vector<TensorId> in, out;
   std::vector<ParamId> params;  // kind's order (w, b); -1 = absent (no bias)
-  // Shapes: N = B*T rows; C in-features; OC out-features (matmul); NH heads; V, Vp vocab.
-  int B = 0, T = 0, N = 0, C = 0, OC = 0, NH = 0, V = 0, Vp = 0;
+  // Shapes: N = B*T rows; C in-features (attention: the query width; SwiGLU: its output
+  // width; rope: the packed row width); OC out-features (matmul); NH query heads, NKV
+  // key/value heads, HD head dimension (attention, rope); V, Vp vocab.
+  int B = 0, T = 0, N = 0, C = 0, OC = 0, NH = 0, NKV = 0, HD = 0, V = 0, Vp = 0;
+  float eps = 1e-5f;    // RMSNorm epsilon
+  float theta = 0.0f;   // rotary base (rope)
   // Trace and NVTX labels (filled by finish()): "fwd.qkv", "bwd.qkv", "recompute.qkv", and
   // the zeroing of a new accumulated gradient, "bwd.zero_dx".
   std::string fwd_label, bwd_label, rc_label, zero_label;
@@ -142,6 +154,7 @@ class ProgramBuilder {
   // Marks a block input: every plan keeps it.
   void checkpoint(TensorId t);
 
+  // wpe -1: no position embedding.
   TensorId embedding(ParamId wte, ParamId wpe, int C, const std::string& name);
   TensorId layernorm(TensorId x, ParamId w, ParamId b, const std::string& name);
   // Returns {x + y, LayerNorm(x + y)}.
@@ -149,9 +162,20 @@ class ProgramBuilder {
                                                    const std::string& res_name,
                                                    const std::string& ln_name,
                                                    const std::string& op_name);
+  TensorId rmsnorm(TensorId x, ParamId w, float eps, const std::string& name);
+  // Returns {x + y, RMSNorm(x + y)}.
+  std::pair<TensorId, TensorId> residual_rmsnorm(TensorId x, TensorId y, ParamId w, float eps,
+                                                 const std::string& res_name,
+                                                 const std::string& ln_name,
+                                                 const std::string& op_name);
   TensorId matmul(TensorId x, ParamId w, ParamId bias, int OC, const std::string& name);
   TensorId gelu(TensorId x, const std::string& name);
-  TensorId attention(TensorId qkv, int NH, const std::string& name);
+  // x (N, 2I) = [gate | up] -> (N, I).
+  TensorId swiglu(TensorId x, const std::string& name);
+  // Packed qkv with NH query and NKV key/value heads -> the same with q and k rotated.
+  TensorId rope(TensorId qkv, int NH, int NKV, float theta, const std::string& name);
+  // Packed qkv (C + 2 NKV C / NH columns) -> (N, C); NKV = NH without grouped-query attention.
+  TensorId attention(TensorId qkv, int NH, int NKV, const std::string& name);
   void classifier(TensorId x, ParamId wte, int V, int Vp, const std::string& name);
 
   // Checks the recording (one loss op, last; every tensor produced once) and derives uses,

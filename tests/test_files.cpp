@@ -81,8 +81,8 @@ std::vector<uint8_t> header_bytes(std::vector<int32_t> first) {
   return out;
 }
 
-GPT2Config tiny_config() {
-  GPT2Config c;
+ModelConfig tiny_config() {
+  ModelConfig c;
   c.max_seq_len = 8;
   c.vocab_size = 10;
   c.padded_vocab = 16;
@@ -92,7 +92,7 @@ GPT2Config tiny_config() {
   return c;
 }
 
-std::vector<float> random_params(const GPT2Config& c, uint64_t seed) {
+std::vector<float> random_params(const ModelConfig& c, uint64_t seed) {
   std::vector<float> p(num_params(c));
   Philox rng(seed, 0);
   for (float& x : p) x = rng.normal();
@@ -183,7 +183,7 @@ TEST_F(Files, AtomicWriteOverDirectoryFailsCleanly) {
 // ---------------------------------------------------------------- llm.c model files
 
 TEST_F(Files, ModelV3RoundTripAndLayout) {
-  const GPT2Config c = tiny_config();
+  const ModelConfig c = tiny_config();
   const std::vector<float> params = random_params(c, 1);
   ASSERT_EQ(params.size(), 348u);  // 16*4 + 8*4 + (12*16 + 13*4) + 2*4
   const std::string p = path("model.bin");
@@ -217,7 +217,7 @@ TEST_F(Files, Bf16RoundsToNearestEven) {
 }
 
 TEST_F(Files, ModelV5RoundTrip) {
-  const GPT2Config c = tiny_config();
+  const ModelConfig c = tiny_config();
   std::vector<float> params = random_params(c, 2);
   params[0] = 1.0f + std::ldexp(1.0f, -8);
   params[1] = 1.0f + 3 * std::ldexp(1.0f, -8);
@@ -247,7 +247,7 @@ TEST_F(Files, ModelV5RoundTrip) {
 }
 
 TEST_F(Files, ModelErrors) {
-  const GPT2Config c = tiny_config();
+  const ModelConfig c = tiny_config();
   const std::vector<float> params = random_params(c, 3);
   const std::string good = path("good.bin");
   write_llmc_model(good, c, params.data(), 3);
@@ -296,7 +296,7 @@ TEST_F(Files, ModelErrors) {
   write_bytes(negative, header_bytes({20240326, 3, 8, 10, -1, 2, 4, 16}));
   expect_error([&] { read_llmc_model(negative); }, {negative, "positive"});
 
-  GPT2Config other = c;
+  ModelConfig other = c;
   other.num_layers = 3;
   expect_error([&] { check_model_matches(other, c, good); }, {good, "num_layers", "3", "1"});
   expect_error([&] { write_llmc_model(path("v4.bin"), c, params.data(), 4); },

@@ -23,7 +23,7 @@
 #include "kernels/gelu.h"
 #include "kernels/gemm.h"
 #include "kernels/layernorm.h"
-#include "models/gpt2.h"
+#include "models/model.h"
 #include "models/trainer.h"
 #include "tests/tiny_model.h"
 
@@ -67,7 +67,7 @@ struct GoldenRun {
 
 GoldenRun train(const Shape& s, const std::string& shard, const std::string& policy,
                 int lookahead) {
-  GPT2Config c = test::tiny_config(s.layers);
+  ModelConfig c = test::tiny_config(s.layers);
   c.channels = s.channels;
   c.num_heads = s.heads;
   DataLoader data(shard, s.B, s.T, c.vocab_size, false, 1);
@@ -113,7 +113,7 @@ const Golden kGolden[] = {
 
 // Half way between the activation peaks of none and full at this look-ahead.
 std::string budget_spec(const Shape& s, int lookahead) {
-  GPT2Config c = test::tiny_config(s.layers);
+  ModelConfig c = test::tiny_config(s.layers);
   c.channels = s.channels;
   c.num_heads = s.heads;
   ScheduleOptions so;

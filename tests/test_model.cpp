@@ -8,7 +8,7 @@
 
 #include "io/params.h"
 #include "io/train_state.h"
-#include "models/gpt2.h"
+#include "models/model.h"
 #include "models/trainer.h"
 #include "tests/tiny_model.h"
 
@@ -17,18 +17,18 @@ namespace {
 
 using test::tiny_config;
 
-float loss_of(GPT2Runner& r, const std::vector<float>& p, const std::vector<int>& in,
+float loss_of(ModelRunner& r, const std::vector<float>& p, const std::vector<int>& in,
               const std::vector<int>& tg) {
   return r.forward_loss(p.data(), in.data(), tg.data());
 }
 
 TEST(Model, InitialLossNearLogVocab) {
-  GPT2Config c = tiny_config();
+  ModelConfig c = tiny_config();
   auto p = test::init(c);
   const int B = 2, T = 8;
   auto in = test::random_tokens(B * T, c.vocab_size, 1),
        tg = test::random_tokens(B * T, c.vocab_size, 2);
-  GPT2Runner r(c, B, T, parse_plan("none", c), ActDType::kFP32, {}, false);
+  ModelRunner r(c, B, T, parse_plan("none", c), ActDType::kFP32, {}, false);
   const float loss = loss_of(r, p, in, tg);
   // Logits of a freshly initialised model are small, so the softmax is near uniform over V
   // (never over the padded Vp).
@@ -36,12 +36,12 @@ TEST(Model, InitialLossNearLogVocab) {
 }
 
 TEST(Model, ForwardBackwardLossEqualsForwardLoss) {
-  GPT2Config c = tiny_config();
+  ModelConfig c = tiny_config();
   auto p = test::init(c);
   const int B = 3, T = 5;
   auto in = test::random_tokens(B * T, c.vocab_size, 3),
        tg = test::random_tokens(B * T, c.vocab_size, 4);
-  GPT2Runner r(c, B, T, parse_plan("none", c), ActDType::kFP32, {}, false);
+  ModelRunner r(c, B, T, parse_plan("none", c), ActDType::kFP32, {}, false);
   std::vector<float> g(p.size(), 0.0f);
   const float a = r.forward_backward(p.data(), g.data(), in.data(), tg.data(), 1.0f / (B * T));
   const float b = loss_of(r, p, in, tg);
@@ -51,14 +51,14 @@ TEST(Model, ForwardBackwardLossEqualsForwardLoss) {
 // Whole-model gradient check: for every parameter tensor, its largest-gradient element
 // against a central difference; and the directional derivative along the gradient.
 TEST(Model, GradientMatchesFiniteDifferences) {
-  GPT2Config c = tiny_config();
+  ModelConfig c = tiny_config();
   auto p = test::init(c, 11);
   // Larger weights than GPT-2's init so every path carries signal.
   for (auto& x : p) x *= 4.0f;
   const int B = 2, T = 6;
   auto in = test::random_tokens(B * T, c.vocab_size, 5),
        tg = test::random_tokens(B * T, c.vocab_size, 6);
-  GPT2Runner r(c, B, T, parse_plan("none", c), ActDType::kFP32, {}, false);
+  ModelRunner r(c, B, T, parse_plan("none", c), ActDType::kFP32, {}, false);
   std::vector<float> g(p.size(), 0.0f);
   r.forward_backward(p.data(), g.data(), in.data(), tg.data(), 1.0f / (B * T));
   for (float x : g) ASSERT_TRUE(std::isfinite(x));
@@ -96,7 +96,7 @@ TEST(Model, GradientMatchesFiniteDifferences) {
 // Trains on one batch repeatedly (a shard holding exactly one batch).
 TEST(Model, OverfitsOneBatch) {
   test::TempDir dir;
-  GPT2Config c = tiny_config();
+  ModelConfig c = tiny_config();
   const int B = 2, T = 8;
   test::write_random_shard(dir / "one.bin", B * T + 1, c.vocab_size, 9);
   DataLoader data(dir / "one.bin", B, T, c.vocab_size, false, 1);
@@ -117,7 +117,7 @@ TEST(Model, OverfitsOneBatch) {
 
 std::vector<float> run_losses(uint64_t seed, const std::string& shard, int steps,
                               std::vector<float>* final_params) {
-  GPT2Config c = tiny_config();
+  ModelConfig c = tiny_config();
   DataLoader data(shard, 2, 8, c.vocab_size, true, seed);
   Hyper h;
   h.lr = 3e-3f;
@@ -168,7 +168,7 @@ namespace {
 TEST(Model, ResumeContinuesBitForBit) {
   test::TempDir dir;
   test::write_random_shard(dir / "d.bin", 3000, 67, 4);
-  GPT2Config c = tiny_config();
+  ModelConfig c = tiny_config();
   Hyper h;
   h.lr = 3e-3f;
   h.warmup = 2;

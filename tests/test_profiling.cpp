@@ -23,7 +23,7 @@
 
 #include "base/rng.h"
 #include "kernels/common.h"
-#include "models/gpt2.h"
+#include "models/model.h"
 #include "profiling/overlap.h"
 #include "profiling/tracer.h"
 #include "runtime/plan.h"
@@ -617,13 +617,13 @@ struct CountingSink : ItemTraceSink {
 
 // ---- a traced step of a tiny model ----
 struct TinyRun {
-  GPT2Config c = test::tiny_config(3);
+  ModelConfig c = test::tiny_config(3);
   int B = 2, T = 16;
   std::vector<float> params = test::init(c);
   std::vector<float> grads = std::vector<float>(params.size(), 0.0f);
   std::vector<int> in = test::random_tokens(size_t(B) * T, c.vocab_size, 1);
   std::vector<int> tg = test::random_tokens(size_t(B) * T, c.vocab_size, 2);
-  GPT2Runner runner{c, B, T, parse_plan("full", c), ActDType::kFP32, ScheduleOptions{}, false};
+  ModelRunner runner{c, B, T, parse_plan("full", c), ActDType::kFP32, ScheduleOptions{}, false};
   float step() {
     return runner.forward_backward(params.data(), grads.data(), in.data(), tg.data(),
                                    1.0f / (B * T));

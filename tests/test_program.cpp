@@ -14,7 +14,7 @@
 
 #include "base/error.h"
 #include "base/rng.h"
-#include "models/gpt2.h"
+#include "models/model.h"
 #include "runtime/executor.h"
 #include "runtime/program.h"
 #include "tests/tiny_model.h"
@@ -29,8 +29,8 @@ std::string rebuilt(const Plan& p, int block) {
 }
 
 TEST(Presets, GPT2RebuildsExactlyTheseTensors) {
-  const GPT2Config c = tiny_config(4);
-  EXPECT_EQ(gpt2_plan_schema(c).slots,
+  const ModelConfig c = tiny_config(4);
+  EXPECT_EQ(model_plan_schema(c).slots,
             (std::vector<std::string>{"ln1", "qkv", "attn", "r2", "ln2", "fch", "gelu"}));
   const std::pair<const char*, const char*> expect[] = {
       {"none", ""},
@@ -66,8 +66,8 @@ std::string replay_ops(const Program& p, const Plan& plan, int block) {
 }
 
 TEST(Replay, GPT2ReplaysTheSmallestSubProgram) {
-  const GPT2Config c = tiny_config(3);
-  auto prog = gpt2_program(c, 2, 8);
+  const ModelConfig c = tiny_config(3);
+  auto prog = model_program(c, 2, 8);
   auto at = [&](const std::string& spec, int block) {
     return replay_ops(*prog, parse_plan(spec, c), block);
   };

@@ -7,7 +7,7 @@
 #include <cstring>
 
 #include "kernels/common.h"
-#include "models/gpt2.h"
+#include "models/model.h"
 #include "models/trainer.h"
 #include "tests/tiny_model.h"
 
@@ -32,7 +32,7 @@ struct Trace {
 
 Trace train(const std::string& shard, const std::string& policy, int steps, int lookahead = 1,
             bool verify = false, int layers = 3) {
-  GPT2Config c = tiny_config(layers);
+  ModelConfig c = tiny_config(layers);
   const int B = 2, T = 8;
   DataLoader data(shard, B, T, c.vocab_size, false, 1);
   Hyper h;
@@ -98,7 +98,7 @@ TEST_F(Policies, LookaheadDoesNotChangeResults) {
 }
 
 TEST_F(Policies, BudgetPlanTrainsBitwiseLikeNone) {
-  GPT2Config c = tiny_config(3);
+  ModelConfig c = tiny_config(3);
   const uint64_t none =
       dry_run_activation_peak(c, 2, 8, parse_plan("none", tiny_config(3)), ActDType::kFP32, {});
   const uint64_t full =
@@ -116,7 +116,7 @@ TEST_F(Policies, VerifyRecomputePassesForEveryPreset) {
 
 // The dry run's predictions equal what a real run measures, for every preset.
 TEST(Arena, PredictedPeakEqualsMeasured) {
-  GPT2Config c = tiny_config(3);
+  ModelConfig c = tiny_config(3);
   const int B = 2, T = 8;
   auto p = test::init(c);
   auto in = test::random_tokens(B * T, c.vocab_size, 1),
@@ -127,9 +127,9 @@ TEST(Arena, PredictedPeakEqualsMeasured) {
       ScheduleOptions so;
       so.lookahead = la;
       Plan plan = parse_plan(spec, c);
-      GPT2Runner dry(c, B, T, plan, ActDType::kFP32, so, true);
+      ModelRunner dry(c, B, T, plan, ActDType::kFP32, so, true);
       dry.forward_backward(nullptr, nullptr, nullptr, nullptr, 1.0f);
-      GPT2Runner real(c, B, T, plan, ActDType::kFP32, so, false);
+      ModelRunner real(c, B, T, plan, ActDType::kFP32, so, false);
       std::vector<float> g(p.size(), 0.0f);
       real.reset_peaks();
       real.forward_backward(p.data(), g.data(), in.data(), tg.data(), 1.0f / (B * T));
@@ -145,13 +145,13 @@ TEST(Arena, PredictedPeakEqualsMeasured) {
   }
 }
 
-uint64_t act_peak(const GPT2Config& c, int B, int T, const std::string& spec, ActDType dt) {
+uint64_t act_peak(const ModelConfig& c, int B, int T, const std::string& spec, ActDType dt) {
   return dry_run_activation_peak(c, B, T, parse_plan(spec, c), dt, {});
 }
 
 TEST(Plan, PeaksAreOrdered) {
   for (const char* model : {"gpt2", "gpt2-medium"}) {
-    GPT2Config c = preset_config(model);
+    ModelConfig c = preset_config(model);
     const uint64_t none = act_peak(c, 4, 1024, "none", ActDType::kBF16),
                    sel = act_peak(c, 4, 1024, "selective", ActDType::kBF16),
                    att = act_peak(c, 4, 1024, "attention", ActDType::kBF16),
@@ -160,7 +160,7 @@ TEST(Plan, PeaksAreOrdered) {
     EXPECT_GT(sel, att) << model;
     EXPECT_GT(att, full) << model;
   }
-  GPT2Config t = tiny_config(4);
+  ModelConfig t = tiny_config(4);
   EXPECT_GT(act_peak(t, 2, 16, "none", ActDType::kFP32),
             act_peak(t, 2, 16, "selective", ActDType::kFP32));
   EXPECT_GT(act_peak(t, 2, 16, "attention", ActDType::kFP32),
@@ -187,9 +187,9 @@ TEST(Plan, ParsesPresetsAndOverrides) {
 struct Brute {
   double cost = INFINITY;
 };
-Brute brute_force(const GPT2Config& c, int B, int T, uint64_t budget) {
+Brute brute_force(const ModelConfig& c, int B, int T, uint64_t budget) {
   Brute best;
-  auto prog = gpt2_program(c, B, T);
+  auto prog = model_program(c, B, T);
   const int K = static_cast<int>(prog->slots.size());
   const int items = c.num_layers * K;
   Plan p = parse_plan("none", c);
@@ -203,9 +203,9 @@ Brute brute_force(const GPT2Config& c, int B, int T, uint64_t budget) {
 }
 
 TEST(Plan, BudgetFitsAndIsNoCostlierThanBruteForce) {
-  GPT2Config c = tiny_config(2);
+  ModelConfig c = tiny_config(2);
   const int B = 2, T = 16;
-  auto prog = gpt2_program(c, B, T);
+  auto prog = model_program(c, B, T);
   const std::vector<SlotCost> costs = slot_costs(*prog, 4, CostModel{});
   auto peak_of = [&](const Plan& p) {
     return dry_run_activation_peak(c, B, T, p, ActDType::kFP32, {});
@@ -219,7 +219,7 @@ TEST(Plan, BudgetFitsAndIsNoCostlierThanBruteForce) {
       SCOPED_TRACE("budget " + std::to_string(budget) + " exhaustive_limit " +
                    std::to_string(limit));
       double lb = -1;
-      Plan p = plan_for_budget("budget", budget, gpt2_plan_schema(c), costs, peak_of, seconds_of,
+      Plan p = plan_for_budget("budget", budget, model_plan_schema(c), costs, peak_of, seconds_of,
                                &lb, limit);
       EXPECT_LE(peak_of(p), budget);
       EXPECT_LE(seconds_of(p), b.cost * (1 + 1e-12));
@@ -230,7 +230,7 @@ TEST(Plan, BudgetFitsAndIsNoCostlierThanBruteForce) {
 }
 
 TEST(Plan, InfeasibleBudgetNamesSmallestFeasible) {
-  GPT2Config c = tiny_config(2);
+  ModelConfig c = tiny_config(2);
   const uint64_t full = act_peak(c, 2, 8, "full", ActDType::kFP32);
   try {
     make_plan("budget:" + std::to_string(full - 1), c, 2, 8, ActDType::kFP32, {}, CostModel{});
@@ -251,7 +251,7 @@ TEST(Plan, InfeasibleBudgetNamesSmallestFeasible) {
 TEST(BrokenSchedule, MissingReadyEventIsCaught) {
   test::TempDir dir;
   test::write_random_shard(dir / "d.bin", 4000, 67, 21);
-  GPT2Config c = tiny_config(3);
+  ModelConfig c = tiny_config(3);
   const int B = 2, T = 8;
   auto run = [&](bool broken, bool verify) {
     DataLoader data(dir / "d.bin", B, T, c.vocab_size, false, 1);

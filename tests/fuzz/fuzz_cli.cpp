@@ -110,7 +110,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   // The model preset with the vocabulary as cmd_train passes it.
   expect_error_or_ok([&] {
     const int vocab = static_cast<int>(o.get_int("vocab"));
-    const remat::GPT2Config c = remat::preset_config(o.get("model"), vocab);
+    const remat::ModelConfig c = remat::preset_config(o.get("model"), vocab);
     remat::check_config(c, "preset");  // presets are valid models, or preset_config threw
     FUZZ_ASSERT(c.padded_vocab % 128 == 0 && c.padded_vocab >= c.vocab_size);
   });
@@ -119,7 +119,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   const std::string spec = o.get("recompute");
   static const std::vector<remat::PlanSchema> schemas = [] {
     std::vector<remat::PlanSchema> out;
-    // GPT-2's schema (models/gpt2.h), written out so the target needs no model code.
+    // GPT-2's schema (models/model.h), written out so the target needs no model code.
     using C = remat::TensorClass;
     for (int L : {1, 2, 12, 48})
       out.push_back(remat::PlanSchema{L,

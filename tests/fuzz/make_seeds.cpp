@@ -36,8 +36,8 @@ std::vector<uint8_t> bytes_of(const std::string& path) {
 }
 
 // A model small enough for a seed: 1 layer, C = 8, 2 heads, V = 20 (Vp = 32), maxT = 8.
-remat::GPT2Config micro_config() {
-  remat::GPT2Config c;
+remat::ModelConfig micro_config() {
+  remat::ModelConfig c;
   c.max_seq_len = 8;
   c.vocab_size = 20;
   c.padded_vocab = 32;
@@ -66,7 +66,7 @@ void shards() {
 }
 
 void models() {
-  const remat::GPT2Config c = micro_config();
+  const remat::ModelConfig c = micro_config();
   std::vector<float> p(remat::num_params(c));
   remat::init_params(p.data(), c, 7);
   const std::string tmp = g_dir + "/tmp.bin";
@@ -75,7 +75,7 @@ void models() {
     put("llmc_model", "micro_v" + std::to_string(version), bytes_of(tmp));
   }
   // A GPT-2 124M header with no parameters behind it (a size mismatch).
-  remat::GPT2Config g = remat::preset_config("gpt2");
+  remat::ModelConfig g = remat::preset_config("gpt2");
   int32_t h[256] = {remat::kModelMagic, 3,           g.max_seq_len, g.vocab_size,
                     g.num_layers,       g.num_heads, g.channels,    g.padded_vocab};
   std::vector<uint8_t> hb(reinterpret_cast<uint8_t*>(h), reinterpret_cast<uint8_t*>(h) + 1024);
@@ -83,7 +83,7 @@ void models() {
 }
 
 void states() {
-  const remat::GPT2Config c = micro_config();
+  const remat::ModelConfig c = micro_config();
   remat::TrainState s;
   s.config = c;
   s.step = 3;

@@ -19,7 +19,7 @@
 
 #include "io/params.h"
 #include "io/shards.h"
-#include "models/gpt2.h"
+#include "models/model.h"
 #include "models/trainer.h"
 #include "runtime/cuda/cuda_backend.h"
 #include "tests/gpu/require_gpu.h"
@@ -29,8 +29,8 @@ namespace remat {
 namespace {
 
 // Head dim 64 (the tensor-core attention path in bf16), C % 8 == 0, ragged B*T.
-GPT2Config gpu_config() {
-  GPT2Config c;
+ModelConfig gpu_config() {
+  ModelConfig c;
   c.num_layers = 3;
   c.channels = 128;
   c.num_heads = 2;
@@ -48,7 +48,7 @@ struct TrainRun {
 
 TrainRun train(Backend* be, const std::string& shard, const std::string& policy, int steps,
                bool verify = false) {
-  const GPT2Config c = gpu_config();
+  const ModelConfig c = gpu_config();
   const int B = 3, T = 37;
   DataLoader data(shard, B, T, c.vocab_size, false, 5);
   Hyper h;
@@ -158,13 +158,13 @@ TEST_F(GpuTrain, VerifyRecomputePassesForFullAndSelective) {
 TEST_F(GpuTrain, DryRunPredictsTheMeasuredPeak) {
   REMAT_REQUIRE_GPU();
   auto be = make_cuda_backend(ActDType::kBF16);
-  const GPT2Config c = gpu_config();
+  const ModelConfig c = gpu_config();
   const int B = 3, T = 37;
   for (const char* p : {"none", "selective", "full"}) {
     const Plan plan = parse_plan(p, c);
-    GPT2Runner dry(c, B, T, plan, ActDType::kBF16, {}, /*dry=*/true);
+    ModelRunner dry(c, B, T, plan, ActDType::kBF16, {}, /*dry=*/true);
     dry.forward_backward(nullptr, nullptr, nullptr, nullptr, 1.0f);
-    GPT2Runner real(c, B, T, plan, ActDType::kBF16, {}, /*dry=*/false, be.get());
+    ModelRunner real(c, B, T, plan, ActDType::kBF16, {}, /*dry=*/false, be.get());
     const size_t n = num_params(c);
     void* w = be->alloc(n * 2, "weights");
     void* g = be->alloc(n * 2, "gradients");

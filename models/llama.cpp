@@ -1,0 +1,65 @@
+#include "models/llama.h"
+
+#include <unordered_map>
+
+#include "base/error.h"
+#include "io/params.h"
+
+namespace remat {
+
+std::shared_ptr<const Program> llama_program(const ModelConfig& c, int B, int T) {
+  REMAT_REQUIRE(T <= c.max_seq_len, "sequence length " + std::to_string(T) +
+                                        " exceeds the model's maximum " +
+                                        std::to_string(c.max_seq_len));
+  const int L = c.num_layers, C = c.channels, NH = c.num_heads, NKV = c.kv_heads();
+  const int Q = c.qkv_width(), F = c.mlp_width();
+  const float eps = c.norm_eps;
+  ProgramBuilder b(B, T);
+  std::unordered_map<std::string, ParamId> id;
+  for (const ParamTensor& t : param_table(c)) id[t.name] = b.param(t.name, t.offset, t.count(), t.decay);
+  auto param = [&](const std::string& name) {
+    auto it = id.find(name);
+    REMAT_CHECK(it != id.end(), "llama: no parameter " + name);
+    return it->second;
+  };
+  auto layer = [&](int l, const std::string& name) {
+    return param("layers." + std::to_string(l) + "." + name);
+  };
+  const ParamId wte = param("embed_tokens.weight");
+  TensorId x = b.embedding(wte, -1, C, "x");
+  b.checkpoint(x);
+  TensorId r2 = -1, down = -1;
+  for (int l = 0; l < L; l++) {
+    b.begin_block(l);
+    const ParamId ln1w = layer(l, "input_layernorm.weight");
+    TensorId ln1;
+    if (l == 0) {
+      ln1 = b.rmsnorm(x, ln1w, eps, "ln1");
+    } else {
+      std::tie(x, ln1) = b.residual_rmsnorm(r2, down, ln1w, eps, "x", "ln1", "residual_ln1");
+      b.checkpoint(x);
+    }
+    const ParamId qkv_b = c.qkv_bias ? layer(l, "self_attn.qkv_proj.bias") : -1;
+    TensorId qkv = b.matmul(ln1, layer(l, "self_attn.qkv_proj.weight"), qkv_b, Q, "qkv");
+    TensorId qkvr = b.rope(qkv, NH, NKV, c.rope_theta, "qkvr");
+    TensorId attn = b.attention(qkvr, NH, NKV, "attn");
+    TensorId proj = b.matmul(attn, layer(l, "self_attn.o_proj.weight"), -1, C, "attproj");
+    TensorId ln2;
+    std::tie(r2, ln2) = b.residual_rmsnorm(x, proj, layer(l, "post_attention_layernorm.weight"),
+                                           eps, "r2", "ln2", "residual_ln2");
+    TensorId gate_up = b.matmul(ln2, layer(l, "mlp.gate_up_proj.weight"), -1, 2 * F, "gate_up");
+    TensorId act = b.swiglu(gate_up, "swiglu");
+    down = b.matmul(act, layer(l, "mlp.down_proj.weight"), -1, C, "down");
+  }
+  b.end_blocks();
+  TensorId xf, lnf;
+  std::tie(xf, lnf) =
+      b.residual_rmsnorm(r2, down, param("norm.weight"), eps, "x", "lnf", "residual_lnf");
+  (void)xf;
+  const ParamId head = c.tied_embeddings ? wte : param("lm_head.weight");
+  b.classifier(lnf, head, c.vocab_size, c.padded_vocab, "classifier");
+  b.set_num_params(num_params(c));
+  return std::make_shared<const Program>(b.finish());
+}
+
+}  // namespace remat
