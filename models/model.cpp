@@ -8,7 +8,7 @@
 namespace remat {
 
 std::shared_ptr<const Program> model_program(const ModelConfig& c, int B, int T) {
-  return c.is_llama() ? llama_program(c, B, T) : model_program(c, B, T);
+  return c.is_llama() ? llama_program(c, B, T) : gpt2_program(c, B, T);
 }
 
 PlanSchema model_plan_schema(const ModelConfig& c) {
