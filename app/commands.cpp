@@ -1,6 +1,8 @@
 #include "app/commands.h"
 
 #include "base/error.h"
+#include "io/hf_model.h"
+#include "io/llmc_model.h"
 
 namespace remat {
 
@@ -10,6 +12,39 @@ std::string recompute_policy(const Options& o) {
                 "--grad-checkpoint means --recompute full; it cannot go with --recompute " +
                     o.get("recompute"));
   return "full";
+}
+
+ModelChoice choose_model(const std::string& model, int vocab, bool want_params) {
+  ModelChoice m;
+  if (is_hf_model_dir(model)) {
+    if (want_params) {
+      HFModel hf = load_hf_model(model);
+      m.config = hf.config;
+      m.params = std::move(hf.params);
+    } else {
+      m.config = read_hf_model_config(model);
+    }
+    m.from_file = true;
+  } else if (model.size() > 4 && model.substr(model.size() - 4) == ".bin") {
+    ModelFile mf = read_llmc_model(model);
+    m.config = mf.config;
+    if (want_params) m.params = std::move(mf.params);
+    m.from_file = true;
+  } else {
+    REMAT_REQUIRE(!file_exists(model) || model.find('/') == std::string::npos,
+                  model + ": not a model: a Hugging Face model directory holds config.json and "
+                          "model.safetensors, an llm.c checkpoint ends in .bin");
+    m.config = preset_config(model, vocab);
+  }
+  return m;
+}
+
+std::string model_option_help() {
+  std::string presets;
+  for (auto& n : preset_names()) presets += (presets.empty() ? "" : ", ") + n;
+  return "a preset (" + presets +
+         "), an llm.c checkpoint file (.bin) or a Hugging Face model directory (config.json and "
+         "model.safetensors, or its shards; llama, qwen2, mistral or gpt2)";
 }
 
 }  // namespace remat

@@ -1,10 +1,13 @@
-// The remat subcommands: one file each (app/train.cpp, prepare.cpp, sample.cpp, plan.cpp).
+// The remat subcommands: one file each (app/train.cpp, prepare.cpp, sample.cpp, plan.cpp,
+// tokenize.cpp).
 #pragma once
 #include <sys/stat.h>
 
 #include <string>
+#include <vector>
 
 #include "app/cli.h"
+#include "io/config.h"
 
 namespace remat {
 
@@ -13,6 +16,7 @@ int cmd_train(int argc, const char* const* argv);
 int cmd_prepare(int argc, const char* const* argv);
 int cmd_sample(int argc, const char* const* argv);
 int cmd_plan(int argc, const char* const* argv);
+int cmd_tokenize(int argc, const char* const* argv);
 
 // Where `remat prepare` (and `remat train` without --data) put the default corpus.
 inline constexpr const char* kDefaultDataDir = "data/fortunes";
@@ -20,6 +24,19 @@ inline constexpr const char* kDefaultDataDir = "data/fortunes";
 // --recompute, or `full` for --grad-checkpoint (the on/off switch of Hugging Face and
 // InternVL scripts, gradient_checkpointing=True). Both with another policy is an error.
 std::string recompute_policy(const Options& o);
+
+// --model: a preset, an llm.c checkpoint (.bin) or a Hugging Face model directory
+// (config.json + safetensors). params is filled for a file or directory when want_params,
+// and left empty for a preset (the caller initialises it); vocab sets a small preset's
+// vocabulary (0 keeps the preset's).
+struct ModelChoice {
+  ModelConfig config;
+  std::vector<float> params;
+  bool from_file = false;
+};
+ModelChoice choose_model(const std::string& model, int vocab, bool want_params);
+// The --model help line.
+std::string model_option_help();
 
 inline bool file_exists(const std::string& p) {
   struct stat st;

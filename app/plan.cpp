@@ -33,7 +33,7 @@ int cmd_plan(int argc, const char* const* argv) {
             "Print the memory plan of a training run without running it: parameters, gradients,\n"
             "optimizer state, activation peak (from the real schedule run through the dry-run\n"
             "arena), workspace, total, and the recompute overhead.");
-  o.add("model", "gpt2", "a preset or an llm.c checkpoint file")
+  o.add("model", "gpt2", model_option_help())
       .add("vocab", "0", "vocabulary of a small preset (default 50257)")
       .add("batch", "16", "micro-batch size B")
       .add("seq", "1024", "sequence length T")
@@ -51,12 +51,7 @@ int cmd_plan(int argc, const char* const* argv) {
                                             "' (every input is an option: see remat plan --help)");
   auto t0 = std::chrono::steady_clock::now();
   const std::string model = o.get("model");
-  ModelConfig c;
-  if (model.size() > 4 && model.substr(model.size() - 4) == ".bin") {
-    c = read_llmc_model(model).config;
-  } else {
-    c = preset_config(model, o.get_count("vocab"));
-  }
+  const ModelConfig c = choose_model(model, o.get_count("vocab"), /*want_params=*/false).config;
   const int B = o.get_positive("batch"), T = o.get_positive("seq");
   REMAT_REQUIRE(T <= c.max_seq_len, "--seq " + std::to_string(T) +
                                         " is longer than the model's "

@@ -17,6 +17,7 @@
 #include "app/commands.h"
 #include "base/error.h"
 #include "base/rng.h"
+#include "io/hf_model.h"
 #include "io/llmc_model.h"
 #include "io/params.h"
 #include "io/prepare.h"
@@ -120,7 +121,7 @@ void prepare_out_dir(const std::string& out) {
                 ": the checkpoint directory (--out) is not writable: " + std::strerror(errno));
   std::fclose(f);
   std::remove(probe.c_str());
-  for (const char* name : {"state.bin", "model.bin"}) {
+  for (const char* name : {"state.bin", "model.bin", "model.safetensors", "config.json"}) {
     glob_t g;
     const std::string pattern = out + "/" + name + ".tmp.*";
     if (::glob(pattern.c_str(), 0, nullptr, &g) == 0) {
@@ -164,18 +165,11 @@ std::string json_num(double x) {
 
 int cmd_train(int argc, const char* const* argv) {
   Options o("train",
-            "Train a GPT-2 model. With no --data it trains on Debian's fortunes corpus,\n"
+            "Train a GPT-2 or Llama-family model (a preset, an llm.c checkpoint or a Hugging Face\n"
+            "directory). With no --data it trains on Debian's fortunes corpus,\n"
             "prepared on first use into " +
                 std::string(kDefaultDataDir) + ".");
-  o.add(
-       "model", "mini",
-       "a preset (" +
-           [] {
-             std::string s;
-             for (auto& n : preset_names()) s += (s.empty() ? "" : ", ") + n;
-             return s;
-           }() +
-           ") or an llm.c checkpoint file (.bin)")
+  o.add("model", "mini", model_option_help())
       .add("data", "", "glob of training shards (llm.c format)")
       .add("val-data", "", "glob of validation shards")
       .add("tokenizer", "", "tokenizer file for samples (default: tokenizer.bin beside the data)")
@@ -201,7 +195,9 @@ int cmd_train(int argc, const char* const* argv) {
       .add("eval-batches", "8", "validation batches")
       .add("sample-every", "0", "sample interval in steps; 0 = only at the end")
       .add("sample-tokens", "48", "tokens per sample")
-      .add("out", "out", "checkpoint directory (state.bin and llm.c model.bin)")
+      .add("out", "out",
+           "checkpoint directory: state.bin (to resume), config.json + model.safetensors (for "
+           "transformers) and, for GPT-2, llm.c's model.bin")
       .add("ckpt-every", "0", "checkpoint interval in steps; 0 = only at the end")
       .add("resume", "",
            "training state file to continue from, bit for bit: the run takes the seed the "
@@ -253,23 +249,17 @@ int cmd_train(int argc, const char* const* argv) {
 
   // Model.
   const std::string model = o.get("model");
-  ModelConfig c;
-  std::vector<float> params;
   uint64_t seed = o.get_seed("seed");
-  if (model.size() > 4 && model.substr(model.size() - 4) == ".bin") {
-    ModelFile mf = read_llmc_model(model);
-    c = mf.config;
-    params = std::move(mf.params);
-  } else {
-    int vocab = o.get_count("vocab");
-    if (vocab <= 0 && is_small_preset(model)) {
-      REMAT_REQUIRE(tok != nullptr, "preset '" + model +
-                                        "' takes its vocabulary from the "
-                                        "tokenizer: pass --tokenizer or --vocab");
-      vocab = tok->vocab_size();
-    }
-    c = preset_config(model, vocab);
+  int vocab = o.get_count("vocab");
+  if (vocab <= 0 && is_small_preset(model)) {
+    REMAT_REQUIRE(tok != nullptr, "preset '" + model +
+                                      "' takes its vocabulary from the "
+                                      "tokenizer: pass --tokenizer or --vocab");
+    vocab = tok->vocab_size();
   }
+  ModelChoice mc = choose_model(model, vocab, /*want_params=*/true);
+  const ModelConfig c = mc.config;
+  std::vector<float> params = std::move(mc.params);
 
   // --resume: read the state now, before anything keyed by the seed (shuffling, sampling) is
   // made, and before a step. Another seed would not continue the run bit for bit.
@@ -369,8 +359,12 @@ int cmd_train(int argc, const char* const* argv) {
     TrainState st = tr.state(train);
     st.rng_seed = seed;  // Trainer::state() leaves it 0; a resume takes it (or refuses another)
     save_train_state(out + "/state.bin", st);
-    write_llmc_model(out + "/model.bin", c, tr.params().data(), 3);
-    std::printf("checkpoint: %s/state.bin, %s/model.bin (step %lld)\n", out.c_str(), out.c_str(),
+    // The model for other tools: Hugging Face's directory layout (config.json and
+    // model.safetensors) always, llm.c's model.bin for GPT-2.
+    save_hf_model(out, c, tr.params().data());
+    if (!c.is_llama()) write_llmc_model(out + "/model.bin", c, tr.params().data(), 3);
+    std::printf("checkpoint: %s/state.bin, %s/model.safetensors%s (step %lld)\n", out.c_str(),
+                out.c_str(), c.is_llama() ? "" : (", " + out + "/model.bin").c_str(),
                 (long long)tr.steps_done());
   };
   FILE* log = nullptr;

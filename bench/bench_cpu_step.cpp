@@ -1,7 +1,9 @@
-// CPU training step time of GPT-2 124M (B=4, T=64 by default): remat's blocked GEMM against
-// the same step with plain OpenMP-loop GEMMs. Correctness first: the two steps' losses must
-// agree to fp32 rounding before any time is reported.
-//   bench_cpu_step [--steps N] [--batch B] [--seq T] [--write FILE.md] [--no-baseline]
+// CPU training step time of a model preset (GPT-2 124M, B=4, T=64 by default; the
+// Llama-family llama-100m, say): remat's blocked GEMM against the same step with plain
+// OpenMP-loop GEMMs. Correctness first: the two steps' losses must agree to fp32 rounding
+// before any time is reported.
+//   bench_cpu_step [--model PRESET] [--steps N] [--batch B] [--seq T] [--write FILE.md]
+//                  [--no-baseline]
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -61,7 +63,7 @@ Timing run(const ModelConfig& c, const std::string& shard, int B, int T, int ste
 int main(int argc, char** argv) {
   int steps = 3, B = 4, T = 64;
   bool baseline = true;
-  std::string write;
+  std::string write, model = "gpt2";
   for (int i = 1; i < argc; i++)
     if (std::string(argv[i]) == "--no-baseline") baseline = false;
   for (int i = 1; i + 1 < argc; i += 2) {
@@ -78,8 +80,10 @@ int main(int argc, char** argv) {
       T = std::atoi(argv[i + 1]);
     else if (a == "--write")
       write = argv[i + 1];
+    else if (a == "--model")
+      model = argv[i + 1];
   }
-  ModelConfig c = preset_config("gpt2");
+  ModelConfig c = preset_config(model);
   char tmpl[] = "/tmp/remat_bench_XXXXXX";
   std::string dir = mkdtemp(tmpl);
   std::vector<uint16_t> tok(size_t(B) * T * (2 * steps + 4) + 1);
@@ -90,7 +94,10 @@ int main(int argc, char** argv) {
 #else
   const int threads = 1;
 #endif
-  std::printf("GPT-2 124M, B=%d T=%d, %d OpenMP threads, %d timed steps\n", B, T, threads, steps);
+  const std::string what = model + " (" + describe(c) + ", " +
+                           std::to_string(static_cast<int>(num_params(c) / 1e6 + 0.5)) + "M)";
+  std::printf("%s, B=%d T=%d, %d OpenMP threads, %d timed steps\n", what.c_str(), B, T, threads,
+              steps);
   Timing fast = run(c, dir + "/d.bin", B, T, steps, false);
   if (!baseline) {  // --no-baseline: the blocked step alone (no naive step, no check)
     std::printf("remat blocked sgemm: first-step loss %.6f, min %.0f ms, mean %.0f ms\n", fast.loss,
@@ -108,7 +115,7 @@ int main(int argc, char** argv) {
                  slow.loss);
     return 1;
   }
-  const double flops = 6.0 * num_params(c) * B * T + 6.0 * c.num_layers * c.channels * T * B * T;
+  const double flops = step_flops(c, B, T);
   std::printf("check: first-step loss %.6f (blocked) vs %.6f (naive): ok\n", fast.loss, slow.loss);
   std::printf("%-28s %10s %10s %12s\n", "GEMM", "min ms", "mean ms", "GFLOP/s");
   std::printf("%-28s %10.0f %10.0f %12.1f\n", "remat blocked sgemm", fast.ms_min, fast.ms_mean,
@@ -120,8 +127,8 @@ int main(int argc, char** argv) {
     FILE* f = std::fopen(write.c_str(), "w");
     if (!f) return 1;
     std::fprintf(
-        f, "| step (GPT-2 124M, B=%d, T=%d, %d threads, fp32) | min ms | mean ms | GFLOP/s |\n", B,
-        T, threads);
+        f, "| step (%s, B=%d, T=%d, %d threads, fp32) | min ms | mean ms | GFLOP/s |\n",
+        what.c_str(), B, T, threads);
     std::fprintf(f, "| --- | --- | --- | --- |\n");
     std::fprintf(f, "| remat blocked sgemm | %.0f | %.0f | %.1f |\n", fast.ms_min, fast.ms_mean,
                  flops / fast.ms_min / 1e6);

@@ -222,7 +222,7 @@ class BackendContract : public ::testing::TestWithParam<const char*> {};
 
 TEST_P(BackendContract, ScratchOpsOnMainRecomputeForwardOnlyNoAllocationInSteps) {
   test::TempDir dir;
-  const GPT2Config c = test::tiny_config(3);
+  const ModelConfig c = test::tiny_config(3);
   test::write_random_shard(dir / "d.bin", 3000, c.vocab_size, 5);
   DataLoader data(dir / "d.bin", 2, 8, c.vocab_size, false, 1);
   CheckingBackend be;
@@ -277,7 +277,7 @@ INSTANTIATE_TEST_SUITE_P(Policies, BackendContract,
 // state saved from it and restored must continue bit for bit.
 TEST(BackendTrainer, DevicePathEqualsHostPathAndResumesBitForBit) {
   test::TempDir dir;
-  const GPT2Config c = test::tiny_config(2);
+  const ModelConfig c = test::tiny_config(2);
   test::write_random_shard(dir / "d.bin", 3000, c.vocab_size, 6);
   Hyper h;
   h.lr = 3e-3f;

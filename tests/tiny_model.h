@@ -19,8 +19,8 @@
 namespace remat::test {
 
 // L=2, C=32, NH=2 (HD=16), a ragged vocabulary V=67 padded to 128, maxT=16.
-inline GPT2Config tiny_config(int layers = 2) {
-  GPT2Config c;
+inline ModelConfig tiny_config(int layers = 2) {
+  ModelConfig c;
   c.num_layers = layers;
   c.num_heads = 2;
   c.channels = 32;
@@ -30,7 +30,7 @@ inline GPT2Config tiny_config(int layers = 2) {
   return c;
 }
 
-inline std::vector<float> init(const GPT2Config& c, uint64_t seed = 7) {
+inline std::vector<float> init(const ModelConfig& c, uint64_t seed = 7) {
   std::vector<float> p(num_params(c));
   init_params(p.data(), c, seed);
   return p;
