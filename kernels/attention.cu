@@ -5,12 +5,17 @@
 //   forward   grid (T/64 query blocks, B*NH), 4 warps x 16 query rows; online softmax in
 //             registers (base-2 exponentials); keeps out and lse (natural log).
 //   backward  1. D = rowsum(dout * out)                 (one warp per row)
-//             2. dK, dV: grid (T/64 key blocks, B*NH); each CTA owns 64 keys (16 per warp)
-//                and walks the query blocks at or after them, rebuilding P^T from lse.
+//             2. dK, dV: grid (T/64 key blocks, B*NKV); each CTA owns 64 keys (16 per warp)
+//                of one key/value head and walks, for each query head of its group in
+//                increasing order, the query blocks at or after them, rebuilding P^T from lse.
 //             3. dQ: grid (T/64 query blocks, B*NH); each CTA owns 64 queries and walks the
 //                key blocks up to the diagonal, rebuilding P.
 //             Every sum has one owner and a fixed order: deterministic, no atomics.
 // Other cases (fp32, other head dims up to 256): plain fp32 kernels, one warp per row.
+//
+// Grouped-query attention: qkv rows are [q (NH heads) | k (NKV heads) | v (NKV heads)], row
+// width ld = C + 2 NKV HD; query head h reads key/value head h / group (group = NH / NKV).
+// NKV == NH is GPT-2's layout (ld = 3C) and runs the same code with group = 1.
 //
 // Fragment layouts (PTX ISA, mma.m16n8k16, g = lane / 4, t = lane % 4):
 //   A (16 x 16): a0 (g, 2t..2t+1), a1 (g+8, 2t..), a2 (g, 2t+8..), a3 (g+8, 2t+8..)
@@ -32,16 +37,20 @@ constexpr int kMaxScalarHD = 256;
 
 template <typename E>
 struct AttnParams {
-  const E* qkv;      // (B, T, 3C): per token [q | k | v], head h at channels h*HD
+  const E* qkv;      // (B, T, ld): per token [q (C) | k (kv_c) | v (kv_c)], head h at h*HD
   E* out;            // (B, T, C) forward output (read by the backward)
   float* lse;        // (B, NH, T) natural-log log-sum-exp of the scaled scores
   const E* dout;     // (B, T, C) backward: gradient of out
-  E* dqkv;           // (B, T, 3C) backward: overwritten
+  E* dqkv;           // (B, T, ld) backward: overwritten
   float* D;          // (B, NH, T) backward: rowsum(dout * out)
   int B;             // batch
   int T;             // sequence length
-  int C;             // channels = NH * HD
-  int NH;            // heads
+  int C;             // channels of q and out = NH * HD
+  int NH;            // query heads
+  int NKV;           // key/value heads, NH % NKV == 0
+  int group;         // NH / NKV: query heads per key/value head
+  int kv_c;          // NKV * HD: channels of k (and of v) per token
+  int ld;            // qkv row width C + 2 kv_c
   int HD;            // head dim
   float scale;       // 1 / sqrt(HD)
   float scale_log2;  // scale * log2(e)
@@ -177,10 +186,11 @@ __global__ void __launch_bounds__(kWarps * 32)
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, gq = lane / 4, t4 = lane % 4;
   const int m_block = gridDim.x - 1 - blockIdx.x;  // longest (latest) query blocks first
   const int b = blockIdx.y / p.NH, h = blockIdx.y % p.NH;
-  const int m0 = m_block * kBM, ld = 3 * p.C;
-  const bf16* q_g = p.qkv + static_cast<size_t>(b) * p.T * ld + h * kHD;  // (T, HD), stride ld
-  const bf16* k_g = q_g + p.C;
-  const bf16* v_g = q_g + 2 * p.C;
+  const int m0 = m_block * kBM, ld = p.ld;
+  const bf16* qkv_b = p.qkv + static_cast<size_t>(b) * p.T * ld;
+  const bf16* q_g = qkv_b + h * kHD;                             // (T, HD), stride ld
+  const bf16* k_g = qkv_b + p.C + (h / p.group) * kHD;           // (T, HD), stride ld
+  const bf16* v_g = k_g + p.kv_c;                                // (T, HD), stride ld
   const int n_blocks = min((p.T + kBN - 1) / kBN, m_block + 1);  // causal: keys <= last query
 
   load_tile<kBM, kHD>(sQ, q_g, ld, m0, p.T);
@@ -336,30 +346,39 @@ __global__ void __launch_bounds__(kWarps * 32)
   bf16* sQ = sV + kBN * kLd;                     // (2, kBQ, kLd) double-buffered
   bf16* sdO = sQ + 2 * kBQ * kLd;                // (2, kBQ, kLd)
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, gq = lane / 4, t4 = lane % 4;
-  const int b = blockIdx.y / p.NH, h = blockIdx.y % p.NH;
-  const int n0 = blockIdx.x * kBN, ld = 3 * p.C;
-  const bf16* q_g = p.qkv + static_cast<size_t>(b) * p.T * ld + h * kHD;
-  const bf16* k_g = q_g + p.C;
-  const bf16* v_g = q_g + 2 * p.C;
-  const bf16* do_g = p.dout + static_cast<size_t>(b) * p.T * p.C + h * kHD;  // stride C
-  const float* lse = p.lse + (static_cast<size_t>(b) * p.NH + h) * p.T;
-  const float* Dg = p.D + (static_cast<size_t>(b) * p.NH + h) * p.T;
-  const int i_begin = n0 / kBQ, i_end = (p.T + kBQ - 1) / kBQ;  // causal: queries >= keys
+  const int b = blockIdx.y / p.NKV, hk = blockIdx.y % p.NKV;  // key/value head hk
+  const int n0 = blockIdx.x * kBN, ld = p.ld;
+  const bf16* qkv_b = p.qkv + static_cast<size_t>(b) * p.T * ld;
+  const bf16* k_g = qkv_b + p.C + hk * kHD;                          // (T, HD), stride ld
+  const bf16* v_g = k_g + p.kv_c;                                    // (T, HD), stride ld
+  const bf16* dout_b = p.dout + static_cast<size_t>(b) * p.T * p.C;  // head h at h*HD, stride C
+  const int i_begin = n0 / kBQ, i_end = (p.T + kBQ - 1) / kBQ;       // causal: queries >= keys
+  // Steps walk (query head, query block) pairs: the group's heads h0 .. h0 + group - 1 in
+  // order, each over query blocks i_begin .. i_end - 1 in order (the fixed summation order of
+  // dK and dV). group = 1 is the plain multi-head walk.
+  const int h0 = hk * p.group, steps = p.group * (i_end - i_begin);
 
   load_tile<kBN, kHD>(sK, k_g, ld, n0, p.T);
   load_tile<kBN, kHD>(sV, v_g, ld, n0, p.T);
-  load_tile<kBQ, kHD>(sQ, q_g, ld, i_begin * kBQ, p.T);
-  load_tile<kBQ, kHD>(sdO, do_g, p.C, i_begin * kBQ, p.T);
+  load_tile<kBQ, kHD>(sQ, qkv_b + h0 * kHD, ld, i_begin * kBQ, p.T);
+  load_tile<kBQ, kHD>(sdO, dout_b + h0 * kHD, p.C, i_begin * kBQ, p.T);
   cp_async_commit();
 
   float dk[kHD / 8][4] = {}, dv[kHD / 8][4] = {};  // (16 keys, HD) of this warp
   const int key_base = n0 + warp * 16 + gq;        // key of accumulator rows g (and g + 8)
 
-  for (int i = i_begin; i < i_end; ++i) {
-    const int buf = (i - i_begin) & 1;
-    if (i + 1 < i_end) {
-      load_tile<kBQ, kHD>(sQ + (buf ^ 1) * kBQ * kLd, q_g, ld, (i + 1) * kBQ, p.T);
-      load_tile<kBQ, kHD>(sdO + (buf ^ 1) * kBQ * kLd, do_g, p.C, (i + 1) * kBQ, p.T);
+  int h = h0, i = i_begin;  // this step's query head and query block
+  for (int step = 0; step < steps; ++step) {
+    const int buf = step & 1;
+    int h_next = h, i_next = i + 1;
+    if (i_next == i_end) {
+      i_next = i_begin;
+      ++h_next;
+    }
+    if (step + 1 < steps) {
+      load_tile<kBQ, kHD>(sQ + (buf ^ 1) * kBQ * kLd, qkv_b + h_next * kHD, ld, i_next * kBQ, p.T);
+      load_tile<kBQ, kHD>(sdO + (buf ^ 1) * kBQ * kLd, dout_b + h_next * kHD, p.C, i_next * kBQ,
+                          p.T);
       cp_async_commit();
       cp_async_wait<1>();
     } else {
@@ -369,6 +388,8 @@ __global__ void __launch_bounds__(kWarps * 32)
     const bf16* q_s = sQ + buf * kBQ * kLd;
     const bf16* do_s = sdO + buf * kBQ * kLd;
     const int q0 = i * kBQ;
+    const float* lse = p.lse + (static_cast<size_t>(b) * p.NH + h) * p.T;  // (T) of head h
+    const float* Dg = p.D + (static_cast<size_t>(b) * p.NH + h) * p.T;     // (T) of head h
 
     // S^T = K Q^T and dP^T = V dO^T: (16 keys, kBQ queries) each.
     float st[kBQ / 8][4] = {}, dpt[kBQ / 8][4] = {};
@@ -425,10 +446,12 @@ __global__ void __launch_bounds__(kWarps * 32)
       }
     }
     __syncthreads();  // buffer `buf` is refilled two steps from now
+    h = h_next;
+    i = i_next;
   }
-  bf16* dk_g = p.dqkv + static_cast<size_t>(b) * p.T * ld + p.C + h * kHD;
+  bf16* dk_g = p.dqkv + static_cast<size_t>(b) * p.T * ld + p.C + hk * kHD;
   store_acc<kHD>(dk_g, ld, dk, n0 + warp * 16, p.T, p.scale, p.scale, lane);
-  store_acc<kHD>(dk_g + p.C, ld, dv, n0 + warp * 16, p.T, 1.f, 1.f, lane);
+  store_acc<kHD>(dk_g + p.kv_c, ld, dv, n0 + warp * 16, p.T, 1.f, 1.f, lane);
 }
 
 // ------------------------------------------------------------------ tensor-core dQ
@@ -450,10 +473,11 @@ __global__ void __launch_bounds__(kWarps * 32)
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, gq = lane / 4, t4 = lane % 4;
   const int m_block = gridDim.x - 1 - blockIdx.x;
   const int b = blockIdx.y / p.NH, h = blockIdx.y % p.NH;
-  const int m0 = m_block * kBM, ld = 3 * p.C;
-  const bf16* q_g = p.qkv + static_cast<size_t>(b) * p.T * ld + h * kHD;
-  const bf16* k_g = q_g + p.C;
-  const bf16* v_g = q_g + 2 * p.C;
+  const int m0 = m_block * kBM, ld = p.ld;
+  const bf16* qkv_b = p.qkv + static_cast<size_t>(b) * p.T * ld;
+  const bf16* q_g = qkv_b + h * kHD;                    // (T, HD), stride ld
+  const bf16* k_g = qkv_b + p.C + (h / p.group) * kHD;  // (T, HD), stride ld
+  const bf16* v_g = k_g + p.kv_c;                       // (T, HD), stride ld
   const bf16* do_g = p.dout + static_cast<size_t>(b) * p.T * p.C + h * kHD;
   const float* lse = p.lse + (static_cast<size_t>(b) * p.NH + h) * p.T;
   const float* Dg = p.D + (static_cast<size_t>(b) * p.NH + h) * p.T;
@@ -559,8 +583,11 @@ __global__ void attn_fwd_scalar_kernel(const __grid_constant__ AttnParams<T> p) 
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const int t = blockIdx.x * kScalarWarps + warp;
   if (t >= p.T) return;
-  const int b = blockIdx.y / p.NH, h = blockIdx.y % p.NH, ld = 3 * p.C;
-  const T* base = p.qkv + static_cast<size_t>(b) * p.T * ld + h * p.HD;
+  const int b = blockIdx.y / p.NH, h = blockIdx.y % p.NH, ld = p.ld;
+  const T* qkv_b = p.qkv + static_cast<size_t>(b) * p.T * ld;
+  const T* base = qkv_b + h * p.HD;                     // q of head h, stride ld
+  const T* kbase = qkv_b + p.C + (h / p.group) * p.HD;  // k of its kv head, stride ld
+  const T* vbase = kbase + p.kv_c;                      // v of its kv head, stride ld
   float* q = sq + warp * p.HD;
   for (int d = lane; d < p.HD; d += 32) q[d] = to_f32(base[static_cast<size_t>(t) * ld + d]);
   __syncwarp();
@@ -568,7 +595,7 @@ __global__ void attn_fwd_scalar_kernel(const __grid_constant__ AttnParams<T> p) 
   for (int j0 = 0; j0 <= t; j0 += 32) {
     const int j = j0 + lane;
     const float sc =
-        j <= t ? dot_row(q, base + static_cast<size_t>(j) * ld + p.C, p.HD) * p.scale : -INFINITY;
+        j <= t ? dot_row(q, kbase + static_cast<size_t>(j) * ld, p.HD) * p.scale : -INFINITY;
     const float m_new = fmaxf(m, warp_max(sc));
     const float corr = expf(m - m_new);
     const float pj = j <= t ? expf(sc - m_new) : 0.f;
@@ -579,7 +606,7 @@ __global__ void attn_fwd_scalar_kernel(const __grid_constant__ AttnParams<T> p) 
     const int cnt = min(32, t + 1 - j0);
     for (int jj = 0; jj < cnt; ++jj) {
       const float pb = __shfl_sync(0xffffffffu, pj, jj);
-      const T* v = base + static_cast<size_t>(j0 + jj) * ld + 2 * p.C;
+      const T* v = vbase + static_cast<size_t>(j0 + jj) * ld;
 #pragma unroll
       for (int k = 0; k < kPer; ++k)
         if (lane + 32 * k < p.HD) o[k] += pb * to_f32(v[lane + 32 * k]);
@@ -599,8 +626,11 @@ __global__ void attn_dq_scalar_kernel(const __grid_constant__ AttnParams<T> p) {
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const int t = blockIdx.x * kScalarWarps + warp;
   if (t >= p.T) return;
-  const int b = blockIdx.y / p.NH, h = blockIdx.y % p.NH, ld = 3 * p.C;
-  const T* base = p.qkv + static_cast<size_t>(b) * p.T * ld + h * p.HD;
+  const int b = blockIdx.y / p.NH, h = blockIdx.y % p.NH, ld = p.ld;
+  const T* qkv_b = p.qkv + static_cast<size_t>(b) * p.T * ld;
+  const T* base = qkv_b + h * p.HD;                     // q of head h, stride ld
+  const T* kbase = qkv_b + p.C + (h / p.group) * p.HD;  // k of its kv head, stride ld
+  const T* vbase = kbase + p.kv_c;                      // v of its kv head, stride ld
   const T* go = p.dout + (static_cast<size_t>(b) * p.T + t) * p.C + h * p.HD;
   float* q = sh + warp * 2 * p.HD;
   float* g = q + p.HD;
@@ -616,14 +646,14 @@ __global__ void attn_dq_scalar_kernel(const __grid_constant__ AttnParams<T> p) {
     const int j = j0 + lane;
     float ds = 0.f;
     if (j <= t) {
-      const T* kr = base + static_cast<size_t>(j) * ld + p.C;
+      const T* kr = kbase + static_cast<size_t>(j) * ld;
       const float pj = expf(dot_row(q, kr, p.HD) * p.scale - lse);
-      ds = pj * (dot_row(g, kr + p.C, p.HD) - Dt);
+      ds = pj * (dot_row(g, vbase + static_cast<size_t>(j) * ld, p.HD) - Dt);
     }
     const int cnt = min(32, t + 1 - j0);
     for (int jj = 0; jj < cnt; ++jj) {
       const float db = __shfl_sync(0xffffffffu, ds, jj);
-      const T* kr = base + static_cast<size_t>(j0 + jj) * ld + p.C;
+      const T* kr = kbase + static_cast<size_t>(j0 + jj) * ld;
 #pragma unroll
       for (int k = 0; k < kPer; ++k)
         if (lane + 32 * k < p.HD) dq[k] += db * to_f32(kr[lane + 32 * k]);
@@ -635,55 +665,62 @@ __global__ void attn_dq_scalar_kernel(const __grid_constant__ AttnParams<T> p) {
     if (lane + 32 * k < p.HD) dst[lane + 32 * k] = from_f32<T>(dq[k] * p.scale);
 }
 
-// dK, dV: one warp per key row j. Grid (ceil(T / 4), B*NH); smem (4, 2, HD) floats.
+// dK, dV: one warp per key row j of key/value head hk, summing the group's query heads in
+// increasing order. Grid (ceil(T / 4), B*NKV); smem (4, 2, HD) floats.
 template <typename T>
 __global__ void attn_dkdv_scalar_kernel(const __grid_constant__ AttnParams<T> p) {
   extern __shared__ float sh[];
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const int j = blockIdx.x * kScalarWarps + warp;
   if (j >= p.T) return;
-  const int b = blockIdx.y / p.NH, h = blockIdx.y % p.NH, ld = 3 * p.C;
-  const T* base = p.qkv + static_cast<size_t>(b) * p.T * ld + h * p.HD;
-  const T* gbase = p.dout + static_cast<size_t>(b) * p.T * p.C + h * p.HD;
-  const size_t stat = (static_cast<size_t>(b) * p.NH + h) * p.T;
+  const int b = blockIdx.y / p.NKV, hk = blockIdx.y % p.NKV, ld = p.ld;
+  const T* qkv_b = p.qkv + static_cast<size_t>(b) * p.T * ld;
+  const T* kbase = qkv_b + p.C + hk * p.HD;  // k of head hk, stride ld
+  const T* vbase = kbase + p.kv_c;           // v of head hk, stride ld
   float* kj = sh + warp * 2 * p.HD;
   float* vj = kj + p.HD;
   for (int d = lane; d < p.HD; d += 32) {
-    kj[d] = to_f32(base[static_cast<size_t>(j) * ld + p.C + d]);
-    vj[d] = to_f32(base[static_cast<size_t>(j) * ld + 2 * p.C + d]);
+    kj[d] = to_f32(kbase[static_cast<size_t>(j) * ld + d]);
+    vj[d] = to_f32(vbase[static_cast<size_t>(j) * ld + d]);
   }
   __syncwarp();
   float dk[kPer] = {}, dv[kPer] = {};
-  for (int t0 = j; t0 < p.T; t0 += 32) {
-    const int t = t0 + lane;
-    float pt = 0.f, ds = 0.f;
-    if (t < p.T) {
-      pt = expf(dot_row(kj, base + static_cast<size_t>(t) * ld, p.HD) * p.scale - p.lse[stat + t]);
-      ds = pt * (dot_row(vj, gbase + static_cast<size_t>(t) * p.C, p.HD) - p.D[stat + t]);
-    }
-    const int cnt = min(32, p.T - t0);
-    for (int tt = 0; tt < cnt; ++tt) {
-      const float pb = __shfl_sync(0xffffffffu, pt, tt);
-      const float db = __shfl_sync(0xffffffffu, ds, tt);
-      const T* qr = base + static_cast<size_t>(t0 + tt) * ld;
-      const T* gr = gbase + static_cast<size_t>(t0 + tt) * p.C;
+  for (int h = hk * p.group; h < (hk + 1) * p.group; ++h) {
+    const T* base = qkv_b + h * p.HD;                                         // q, stride ld
+    const T* gbase = p.dout + static_cast<size_t>(b) * p.T * p.C + h * p.HD;  // dout, stride C
+    const size_t stat = (static_cast<size_t>(b) * p.NH + h) * p.T;
+    for (int t0 = j; t0 < p.T; t0 += 32) {
+      const int t = t0 + lane;
+      float pt = 0.f, ds = 0.f;
+      if (t < p.T) {
+        pt =
+            expf(dot_row(kj, base + static_cast<size_t>(t) * ld, p.HD) * p.scale - p.lse[stat + t]);
+        ds = pt * (dot_row(vj, gbase + static_cast<size_t>(t) * p.C, p.HD) - p.D[stat + t]);
+      }
+      const int cnt = min(32, p.T - t0);
+      for (int tt = 0; tt < cnt; ++tt) {
+        const float pb = __shfl_sync(0xffffffffu, pt, tt);
+        const float db = __shfl_sync(0xffffffffu, ds, tt);
+        const T* qr = base + static_cast<size_t>(t0 + tt) * ld;
+        const T* gr = gbase + static_cast<size_t>(t0 + tt) * p.C;
 #pragma unroll
-      for (int k = 0; k < kPer; ++k) {
-        const int d = lane + 32 * k;
-        if (d < p.HD) {
-          dv[k] += pb * to_f32(gr[d]);
-          dk[k] += db * to_f32(qr[d]);
+        for (int k = 0; k < kPer; ++k) {
+          const int d = lane + 32 * k;
+          if (d < p.HD) {
+            dv[k] += pb * to_f32(gr[d]);
+            dk[k] += db * to_f32(qr[d]);
+          }
         }
       }
     }
   }
-  T* dst = p.dqkv + (static_cast<size_t>(b) * p.T + j) * ld + p.C + h * p.HD;
+  T* dst = p.dqkv + (static_cast<size_t>(b) * p.T + j) * ld + p.C + hk * p.HD;
 #pragma unroll
   for (int k = 0; k < kPer; ++k) {
     const int d = lane + 32 * k;
     if (d < p.HD) {
       dst[d] = from_f32<T>(dk[k] * p.scale);
-      dst[p.C + d] = from_f32<T>(dv[k]);
+      dst[p.kv_c + d] = from_f32<T>(dv[k]);
     }
   }
 }
@@ -699,10 +736,12 @@ void set_smem(Kernel kernel, size_t bytes) {
 }
 
 template <typename E>
-AttnParams<E> make_params(const char* who, int B, int T, int C, int NH) {
-  REMAT_CHECK(B >= 0 && T >= 0 && C > 0 && NH > 0 && C % NH == 0,
+AttnParams<E> make_params(const char* who, int B, int T, int C, int NH, int NKV) {
+  if (NKV == 0) NKV = NH;
+  REMAT_CHECK(B >= 0 && T >= 0 && C > 0 && NH > 0 && C % NH == 0 && NKV > 0 && NH % NKV == 0,
               std::string(who) + ": bad shape B=" + std::to_string(B) + " T=" + std::to_string(T) +
-                  " C=" + std::to_string(C) + " NH=" + std::to_string(NH));
+                  " C=" + std::to_string(C) + " NH=" + std::to_string(NH) +
+                  " NKV=" + std::to_string(NKV) + " (need C % NH == 0 and NH % NKV == 0)");
   const int HD = C / NH;
   REMAT_CHECK(HD <= kMaxScalarHD || (std::is_same_v<E, bf16> && (HD == 64 || HD == 128)),
               std::string(who) + ": head dim " + std::to_string(HD) + " unsupported (<= 256)");
@@ -711,6 +750,10 @@ AttnParams<E> make_params(const char* who, int B, int T, int C, int NH) {
   p.T = T;
   p.C = C;
   p.NH = NH;
+  p.NKV = NKV;
+  p.group = NH / NKV;
+  p.kv_c = NKV * HD;
+  p.ld = C + 2 * p.kv_c;
   p.HD = HD;
   p.scale = 1.0f / std::sqrt(static_cast<float>(HD));
   p.scale_log2 = p.scale * kLog2e;
@@ -737,7 +780,7 @@ void launch_bwd_tc(const AttnParams<bf16>& p, cudaStream_t stream) {
                                 set_smem(flash_bwd_dq_kernel<kHD>, dq_smem<kHD>()), true);
   (void)smem_set;
   flash_bwd_dkdv_kernel<kHD>
-      <<<dim3(ceil_div(p.T, kBN), p.B * p.NH), kWarps * 32, dkdv_smem<kHD>(), stream>>>(p);
+      <<<dim3(ceil_div(p.T, kBN), p.B * p.NKV), kWarps * 32, dkdv_smem<kHD>(), stream>>>(p);
   REMAT_CUDA_LAUNCH_CHECK(stream);
   flash_bwd_dq_kernel<kHD>
       <<<dim3(ceil_div(p.T, kBM), p.B * p.NH), kWarps * 32, dq_smem<kHD>(), stream>>>(p);
@@ -748,8 +791,8 @@ void launch_bwd_tc(const AttnParams<bf16>& p, cudaStream_t stream) {
 
 template <typename Elem>
 void attention_forward(Elem* out, float* lse, const Elem* qkv, int B, int T, int C, int NH,
-                       cudaStream_t stream) {
-  AttnParams<Elem> p = make_params<Elem>("attention_forward", B, T, C, NH);
+                       cudaStream_t stream, int NKV) {
+  AttnParams<Elem> p = make_params<Elem>("attention_forward", B, T, C, NH, NKV);
   if (B == 0 || T == 0) return;
   REMAT_CHECK(out && lse && qkv, "attention_forward: null pointer");
   NvtxRange range("attention_forward");
@@ -779,8 +822,8 @@ size_t attention_backward_workspace_floats(int B, int T, int NH) {
 template <typename Elem>
 void attention_backward(Elem* dqkv, const Elem* dout, const Elem* qkv, const Elem* out,
                         const float* lse, int B, int T, int C, int NH, float* workspace,
-                        cudaStream_t stream) {
-  AttnParams<Elem> p = make_params<Elem>("attention_backward", B, T, C, NH);
+                        cudaStream_t stream, int NKV) {
+  AttnParams<Elem> p = make_params<Elem>("attention_backward", B, T, C, NH, NKV);
   if (B == 0 || T == 0) return;
   REMAT_CHECK(dqkv && dout && qkv && out && lse && workspace, "attention_backward: null pointer");
   NvtxRange range("attention_backward");
@@ -805,20 +848,22 @@ void attention_backward(Elem* dqkv, const Elem* dout, const Elem* qkv, const Ele
       return;
     }
   }
-  const dim3 grid(ceil_div(T, kScalarWarps), B * NH);
+  const dim3 grid(ceil_div(T, kScalarWarps), B * NH), kv_grid(grid.x, B * p.NKV);
   const size_t smem = kScalarWarps * 2 * p.HD * sizeof(float);
   attn_dq_scalar_kernel<Elem><<<grid, kScalarWarps * 32, smem, stream>>>(p);
   REMAT_CUDA_LAUNCH_CHECK(stream);
-  attn_dkdv_scalar_kernel<Elem><<<grid, kScalarWarps * 32, smem, stream>>>(p);
+  attn_dkdv_scalar_kernel<Elem><<<kv_grid, kScalarWarps * 32, smem, stream>>>(p);
   REMAT_CUDA_LAUNCH_CHECK(stream);
 }
 
 template void attention_forward<float>(float*, float*, const float*, int, int, int, int,
-                                       cudaStream_t);
-template void attention_forward<bf16>(bf16*, float*, const bf16*, int, int, int, int, cudaStream_t);
+                                       cudaStream_t, int);
+template void attention_forward<bf16>(bf16*, float*, const bf16*, int, int, int, int, cudaStream_t,
+                                      int);
 template void attention_backward<float>(float*, const float*, const float*, const float*,
-                                        const float*, int, int, int, int, float*, cudaStream_t);
+                                        const float*, int, int, int, int, float*, cudaStream_t,
+                                        int);
 template void attention_backward<bf16>(bf16*, const bf16*, const bf16*, const bf16*, const float*,
-                                       int, int, int, int, float*, cudaStream_t);
+                                       int, int, int, int, float*, cudaStream_t, int);
 
 }  // namespace remat::cuda

@@ -32,10 +32,11 @@ void attention_backward(float* dqkv, const float* dout, const float* qkv, const 
 
 namespace remat::cuda {
 
-// out (B, T, C) overwritten; lse (B, NH, T) fp32 overwritten (natural log, of the scaled
-// scores). bf16 with HD = C / NH in {64, 128}: flash attention on mma.sync tensor cores
-// (bf16 inputs, fp32 accumulation, P rounded to bf16 for the P V product). Other cases
-// (fp32, other head dims <= 256): a plain fp32 kernel (exact-comparison mode).
+// qkv (B, T, C + 2 NKV HD); out (B, T, C) overwritten; lse (B, NH, T) fp32 overwritten
+// (natural log, of the scaled scores). bf16 with HD = C / NH in {64, 128}: flash attention on
+// mma.sync tensor cores (bf16 inputs, fp32 accumulation, P rounded to bf16 for the P V
+// product). Other cases (fp32, other head dims <= 256): a plain fp32 kernel (exact-comparison
+// mode).
 template <typename Elem>
 void attention_forward(Elem* out, float* lse, const Elem* qkv, int B, int T, int C, int NH,
                        cudaStream_t stream, int NKV = 0);
@@ -43,9 +44,10 @@ void attention_forward(Elem* out, float* lse, const Elem* qkv, int B, int T, int
 // Scratch floats attention_backward needs: D = rowsum(dout * out), (B, NH, T).
 size_t attention_backward_workspace_floats(int B, int T, int NH);
 
-// dqkv (B, T, 3C) overwritten. Needs the forward's qkv, out and lse. Deterministic, no float
-// atomics: dK and dV are accumulated per key block by one CTA, dQ by a separate pass per
-// query block (P is rebuilt in both passes).
+// dqkv (B, T, C + 2 NKV HD) overwritten. Needs the forward's qkv, out and lse. Deterministic,
+// no float atomics: dK and dV are accumulated per key block of a key/value head by one CTA,
+// which walks its group's query heads in increasing order; dQ by a separate pass per query
+// block (P is rebuilt in both passes).
 template <typename Elem>
 void attention_backward(Elem* dqkv, const Elem* dout, const Elem* qkv, const Elem* out,
                         const float* lse, int B, int T, int C, int NH, float* workspace,
