@@ -20,7 +20,7 @@ struct EncFwdParams {
   T* out;             // (B T, C) overwritten
   const int* tokens;  // (B T)
   const T* wte;       // (Vp, C)
-  const T* wpe;       // (maxT, C)
+  const T* wpe;       // (maxT, C), or null (no position embedding)
   int N;              // B * T
   int seq_len;        // T: position = row % T
   int C;              // channels, % 8 == 0
@@ -37,10 +37,12 @@ __global__ void encoder_forward_kernel(const __grid_constant__ EncFwdParams<T> p
     const int c = static_cast<int>(i % packs_per_row) * P::kN;
     const int t = n % p.seq_len;
     const P a = P::load(p.wte + static_cast<size_t>(p.tokens[n]) * p.C + c);
-    const P b = P::load(p.wpe + static_cast<size_t>(t) * p.C + c);
-    P o;
+    P o = a;
+    if (p.wpe != nullptr) {
+      const P b = P::load(p.wpe + static_cast<size_t>(t) * p.C + c);
 #pragma unroll
-    for (int j = 0; j < P::kN; ++j) o.v[j] = from_f32<T>(to_f32(a.v[j]) + to_f32(b.v[j]));
+      for (int j = 0; j < P::kN; ++j) o.v[j] = from_f32<T>(to_f32(a.v[j]) + to_f32(b.v[j]));
+    }
     o.store(p.out + static_cast<size_t>(n) * p.C + c);
   }
 }
@@ -208,7 +210,7 @@ void encoder_forward(Elem* out, const int* tokens, const Elem* wte, const Elem* 
   check_shape("encoder_forward", B, T, C);
   const int N = B * T;
   if (N == 0) return;
-  REMAT_CHECK(out && tokens && wte && wpe, "encoder_forward: null pointer");
+  REMAT_CHECK(out && tokens && wte, "encoder_forward: null pointer");  // wpe may be null
   REMAT_CHECK(aligned16(out) && aligned16(wte) && aligned16(wpe),
               "encoder_forward: pointers must be 16-byte aligned");
   NvtxRange range("encoder_forward");
@@ -232,7 +234,8 @@ void encoder_backward(Elem* dwte, Elem* dwpe, const Elem* dout, const int* token
   REMAT_CHECK(Vp > 0, "encoder_backward: Vp must be positive");
   const int N = B * T;
   if (N == 0) return;
-  REMAT_CHECK(dwte && dwpe && dout && tokens && workspace, "encoder_backward: null pointer");
+  REMAT_CHECK(dwte && dout && tokens && workspace,
+              "encoder_backward: null pointer");  // dwpe may be null
   REMAT_CHECK(aligned16(dwte) && aligned16(dwpe) && aligned16(dout),
               "encoder_backward: pointers must be 16-byte aligned");
   NvtxRange range("encoder_backward");
@@ -253,6 +256,7 @@ void encoder_backward(Elem* dwte, Elem* dwpe, const Elem* dout, const int* token
   const EncBwdParams<Elem> p{dwte, dout, tokens, bk, N, C};
   dwte_kernel<Elem><<<dim3(N, ceil_div(packs, kSliceThreads)), kSliceThreads, 0, stream>>>(p);
   REMAT_CUDA_LAUNCH_CHECK(stream);
+  if (dwpe == nullptr) return;  // no position embedding
   const DwpeParams<Elem> q{dwpe, dout, B, T, C};
   dwpe_kernel<Elem><<<ceil_div(static_cast<long>(T) * packs, 256), 256, 0, stream>>>(q);
   REMAT_CUDA_LAUNCH_CHECK(stream);
