@@ -18,6 +18,9 @@
 #include "kernels/gradnorm.h"
 #include "kernels/layernorm.h"
 #include "kernels/matmul.h"
+#include "kernels/rmsnorm.h"
+#include "kernels/rope.h"
+#include "kernels/swiglu.h"
 #include "runtime/cuda/cuda_memory.h"
 #include "runtime/cuda/cuda_stream.h"
 
@@ -143,6 +146,7 @@ class CudaBackend final : public Backend {
     const size_t n = size_t(B) * T;
     size_t need = cuda::encoder_backward_workspace_bytes(B, T, Vp);
     need = std::max(need, cuda::layernorm_backward_workspace_floats(int(n), C) * sizeof(float));
+    need = std::max(need, cuda::rmsnorm_backward_workspace_floats(int(n), C) * sizeof(float));
     need = std::max(need, cuda::attention_backward_workspace_floats(B, T, NH) * sizeof(float));
     need = std::max(need, cuda::gradnorm_workspace_floats() * sizeof(float));
     need = std::max(need, size_t(Vp) * sizeof(Elem));  // classifier_logits of one row
@@ -220,6 +224,33 @@ class CudaBackend final : public Backend {
         },
         label, block);
   }
+  void rmsnorm_forward(Stream* s, void* out, float* rstd, const void* inp, const void* w, int N,
+                       int C, float eps, const char* label, int block) override {
+    s->launch([=] { cuda::rmsnorm_forward(E(out), rstd, E(inp), E(w), N, C, eps, native(s)); },
+              label, block);
+  }
+  void residual_rmsnorm_forward(Stream* s, void* residual, void* out, float* rstd, const void* x,
+                                const void* y, const void* w, int N, int C, float eps,
+                                const char* label, int block) override {
+    s->launch(
+        [=] {
+          cuda::residual_rmsnorm_forward(E(residual), E(out), rstd, E(x), E(y), E(w), N, C, eps,
+                                         native(s));
+        },
+        label, block);
+  }
+  // Uses the main stream's scratch (the backward pass runs on the main stream).
+  void rmsnorm_backward(Stream* s, void* dinp, void* dw, const void* dout, const void* inp,
+                        const void* w, const float* rstd, int N, int C, const char* label,
+                        int block) override {
+    s->launch(
+        [=] {
+          float* ws = static_cast<float*>(
+              scratch(cuda::rmsnorm_backward_workspace_floats(N, C) * sizeof(float)));
+          cuda::rmsnorm_backward(E(dinp), E(dw), E(dout), E(inp), E(w), rstd, N, C, ws, native(s));
+        },
+        label, block);
+  }
   void matmul_forward(Stream* s, void* out, const void* inp, const void* w, const void* bias, int N,
                       int C, int OC, const char* label, int block) override {
     s->launch([=] { cuda::matmul_forward(E(out), E(inp), E(w), E(bias), N, C, OC, native(s)); },
@@ -243,20 +274,39 @@ class CudaBackend final : public Backend {
                      const char* label, int block) override {
     s->launch([=] { cuda::gelu_backward(E(dinp), E(inp), E(dout), n, native(s)); }, label, block);
   }
-  void attention_forward(Stream* s, void* out, float* lse, const void* qkv, int B, int T, int C,
-                         int NH, const char* label, int block) override {
-    s->launch([=] { cuda::attention_forward(E(out), lse, E(qkv), B, T, C, NH, native(s)); }, label,
+  void swiglu_forward(Stream* s, void* out, const void* inp, int N, int I, const char* label,
+                      int block) override {
+    s->launch([=] { cuda::swiglu_forward(E(out), E(inp), N, I, native(s)); }, label, block);
+  }
+  void swiglu_backward(Stream* s, void* dinp, const void* inp, const void* dout, int N, int I,
+                       const char* label, int block) override {
+    s->launch([=] { cuda::swiglu_backward(E(dinp), E(inp), E(dout), N, I, native(s)); }, label,
               block);
   }
+  void rope_forward(Stream* s, void* out, const void* inp, int B, int T, int NH, int NKV, int HD,
+                    float theta, const char* label, int block) override {
+    s->launch([=] { cuda::rope_forward(E(out), E(inp), B, T, NH, NKV, HD, theta, native(s)); },
+              label, block);
+  }
+  void rope_backward(Stream* s, void* dinp, const void* dout, int B, int T, int NH, int NKV, int HD,
+                     float theta, const char* label, int block) override {
+    s->launch([=] { cuda::rope_backward(E(dinp), E(dout), B, T, NH, NKV, HD, theta, native(s)); },
+              label, block);
+  }
+  void attention_forward(Stream* s, void* out, float* lse, const void* qkv, int B, int T, int C,
+                         int NH, int NKV, const char* label, int block) override {
+    s->launch([=] { cuda::attention_forward(E(out), lse, E(qkv), B, T, C, NH, native(s), NKV); },
+              label, block);
+  }
   void attention_backward(Stream* s, void* dqkv, const void* dout, const void* qkv, const void* out,
-                          const float* lse, int B, int T, int C, int NH, const char* label,
+                          const float* lse, int B, int T, int C, int NH, int NKV, const char* label,
                           int block) override {
     s->launch(
         [=] {
           float* ws = static_cast<float*>(
               scratch(cuda::attention_backward_workspace_floats(B, T, NH) * sizeof(float)));
           cuda::attention_backward(E(dqkv), E(dout), E(qkv), E(out), lse, B, T, C, NH, ws,
-                                   native(s));
+                                   native(s), NKV);
         },
         label, block);
   }
