@@ -1,8 +1,9 @@
 // Causal self-attention on the CPU, flash form: per query row the scores against keys 0..t are
 // built in a row of scratch, turned into probabilities with the row's exact max, and folded
-// into the output; only out and the row's log-sum-exp are stored. Work is split over
-// (batch, head) pairs; inside a pair everything runs in a fixed order, so results do not
-// depend on the thread count.
+// into the output; only out and the row's log-sum-exp are stored. The forward splits work over
+// (batch, query head) pairs, the backward over (batch, key/value head) pairs, which loop their
+// group's query heads in increasing order; inside a pair everything runs in a fixed order, so
+// results do not depend on the thread count.
 #include "kernels/attention.h"
 
 #include <algorithm>
@@ -18,17 +19,30 @@ namespace {
 // Shape of one call, derived once.
 struct Dims {
   int B, T, C, NH;
+  int NKV;      // key/value heads (NH without grouped-query attention)
+  int group;    // query heads per key/value head, NH / NKV
   int HD;       // channels per head, C / NH
-  long ld;      // row stride of qkv, 3C
+  long ld;      // row stride of qkv, C + 2 NKV HD
+  long k_off;   // channel offset of the keys in a qkv row, C
+  long v_off;   // channel offset of the values in a qkv row, C + NKV HD
   float scale;  // 1 / sqrt(HD)
 };
 
-Dims make_dims(const char* who, int B, int T, int C, int NH) {
-  REMAT_CHECK(B >= 0 && T >= 0 && C > 0 && NH > 0 && C % NH == 0,
+Dims make_dims(const char* who, int B, int T, int C, int NH, int NKV) {
+  if (NKV == 0) NKV = NH;
+  REMAT_CHECK(B >= 0 && T >= 0 && C > 0 && NH > 0 && C % NH == 0 && NKV > 0 && NH % NKV == 0,
               std::string(who) + ": bad shape B=" + std::to_string(B) + " T=" + std::to_string(T) +
-                  " C=" + std::to_string(C) + " NH=" + std::to_string(NH));
+                  " C=" + std::to_string(C) + " NH=" + std::to_string(NH) +
+                  " NKV=" + std::to_string(NKV));
   const int HD = C / NH;
-  return Dims{B, T, C, NH, HD, 3L * C, 1.0f / std::sqrt(static_cast<float>(HD))};
+  const long kv = static_cast<long>(NKV) * HD;
+  const float scale = 1.0f / std::sqrt(static_cast<float>(HD));
+  return Dims{B, T, C, NH, NKV, NH / NKV, HD, C + 2 * kv, C, C + kv, scale};
+}
+
+// The key/value head query head h reads.
+int kv_head(const Dims& d, int h) {
+  return h / d.group;
 }
 
 // dst (HD, T) = the head's slice at channel offset `off` of qkv rows b*T .. b*T+T-1, transposed.
@@ -85,8 +99,9 @@ void scores_row(float* s, const float* q, const float* kt, int n, const Dims& d)
 
 }  // namespace
 
-void attention_forward(float* out, float* lse, const float* qkv, int B, int T, int C, int NH) {
-  const Dims d = make_dims("attention_forward", B, T, C, NH);
+void attention_forward(float* out, float* lse, const float* qkv, int B, int T, int C, int NH,
+                       int NKV) {
+  const Dims d = make_dims("attention_forward", B, T, C, NH, NKV);
   REMAT_CHECK(B * T == 0 || (out && lse && qkv), "attention_forward: null pointer");
 #pragma omp parallel
   {
@@ -97,7 +112,8 @@ void attention_forward(float* out, float* lse, const float* qkv, int B, int T, i
     for (int bh = 0; bh < B * NH; ++bh) {
       const int b = bh / NH;
       const int h = bh % NH;
-      gather_transposed(kt.data(), qkv, d, b, C + h * d.HD);
+      const long kv = static_cast<long>(kv_head(d, h)) * d.HD;
+      gather_transposed(kt.data(), qkv, d, b, static_cast<int>(d.k_off + kv));
       for (int t = 0; t < T; ++t) {
         const long row = static_cast<long>(b) * T + t;
         const float* q = qkv + row * d.ld + h * d.HD;
@@ -112,7 +128,7 @@ void attention_forward(float* out, float* lse, const float* qkv, int B, int T, i
         }
         // o = sum_j p_j v_j, keys in order.
         std::fill(o.begin(), o.end(), 0.0f);
-        const float* v0 = qkv + static_cast<long>(b) * T * d.ld + 2 * C + h * d.HD;
+        const float* v0 = qkv + static_cast<long>(b) * T * d.ld + d.v_off + kv;
         accumulate_matrix(o.data(), v0, d.ld, p.data(), n, d.HD);
         const float inv = 1.0f / sum;
         float* dst = out + row * C + h * d.HD;
@@ -124,8 +140,8 @@ void attention_forward(float* out, float* lse, const float* qkv, int B, int T, i
 }
 
 void attention_backward(float* dqkv, const float* dout, const float* qkv, const float* out,
-                        const float* lse, int B, int T, int C, int NH) {
-  const Dims d = make_dims("attention_backward", B, T, C, NH);
+                        const float* lse, int B, int T, int C, int NH, int NKV) {
+  const Dims d = make_dims("attention_backward", B, T, C, NH, NKV);
   REMAT_CHECK(B * T == 0 || (dqkv && dout && qkv && out && lse),
               "attention_backward: null pointer");
 #pragma omp parallel
@@ -139,55 +155,59 @@ void attention_backward(float* dqkv, const float* dout, const float* qkv, const 
     std::vector<float> ds(T);            // (T) dp, then the score gradient
     std::vector<float> dq(d.HD);         // (HD)
 #pragma omp for schedule(dynamic)
-    for (int bh = 0; bh < B * NH; ++bh) {
-      const int b = bh / NH;
-      const int h = bh % NH;
-      gather_transposed(kt.data(), qkv, d, b, C + h * d.HD);
-      gather_transposed(vt.data(), qkv, d, b, 2 * C + h * d.HD);
+    for (int bkv = 0; bkv < B * d.NKV; ++bkv) {
+      const int b = bkv / d.NKV;
+      const int kvh = bkv % d.NKV;
+      const long kv = static_cast<long>(kvh) * d.HD;
+      gather_transposed(kt.data(), qkv, d, b, static_cast<int>(d.k_off + kv));
+      gather_transposed(vt.data(), qkv, d, b, static_cast<int>(d.v_off + kv));
       std::fill(dk.begin(), dk.end(), 0.0f);
       std::fill(dv.begin(), dv.end(), 0.0f);
-      const float* lse_bh = lse + (static_cast<long>(b) * NH + h) * T;
-      for (int t = 0; t < T; ++t) {
-        const long row = static_cast<long>(b) * T + t;
-        const float* q = qkv + row * d.ld + h * d.HD;
-        const float* dy = dout + row * C + h * d.HD;
-        const float* y = out + row * C + h * d.HD;
-        const int n = t + 1;
-        // p_j = exp(s_j - lse_t)
-        scores_row(p.data(), q, kt.data(), n, d);
-        for (int j = 0; j < n; ++j) p[j] = std::exp(p[j] - lse_bh[t]);
-        // dp_j = dout_t . v_j
-        std::fill(ds.begin(), ds.begin() + n, 0.0f);
-        accumulate_matrix(ds.data(), vt.data(), T, dy, d.HD, n);
-        // D_t = dout_t . out_t; ds_j = p_j (dp_j - D_t)
-        double dsum = 0.0;
-        for (int c = 0; c < d.HD; ++c) dsum += static_cast<double>(dy[c]) * y[c];
-        const float D = static_cast<float>(dsum);
-        for (int j = 0; j < n; ++j) ds[j] = p[j] * (ds[j] - D);
-        // dq = scale * sum_j ds_j k_j; dk_j += scale * ds_j q; dv_j += p_j dout_t.
-        std::fill(dq.begin(), dq.end(), 0.0f);
-        const float* k0 = qkv + static_cast<long>(b) * T * d.ld + C + h * d.HD;
-        accumulate_matrix(dq.data(), k0, d.ld, ds.data(), n, d.HD);
-        for (int j = 0; j < n; ++j) {
-          const float dsj_scaled = ds[j] * d.scale;
-          const float pj = p[j];
-          float* __restrict dkj = dk.data() + static_cast<long>(j) * d.HD;
-          float* __restrict dvj = dv.data() + static_cast<long>(j) * d.HD;
-          for (int c = 0; c < d.HD; ++c) {
-            dkj[c] += dsj_scaled * q[c];
-            dvj[c] += pj * dy[c];
+      // The group's query heads in increasing order, all into the same dk, dv.
+      for (int h = kvh * d.group; h < (kvh + 1) * d.group; ++h) {
+        const float* lse_bh = lse + (static_cast<long>(b) * NH + h) * T;
+        for (int t = 0; t < T; ++t) {
+          const long row = static_cast<long>(b) * T + t;
+          const float* q = qkv + row * d.ld + h * d.HD;
+          const float* dy = dout + row * C + h * d.HD;
+          const float* y = out + row * C + h * d.HD;
+          const int n = t + 1;
+          // p_j = exp(s_j - lse_t)
+          scores_row(p.data(), q, kt.data(), n, d);
+          for (int j = 0; j < n; ++j) p[j] = std::exp(p[j] - lse_bh[t]);
+          // dp_j = dout_t . v_j
+          std::fill(ds.begin(), ds.begin() + n, 0.0f);
+          accumulate_matrix(ds.data(), vt.data(), T, dy, d.HD, n);
+          // D_t = dout_t . out_t; ds_j = p_j (dp_j - D_t)
+          double dsum = 0.0;
+          for (int c = 0; c < d.HD; ++c) dsum += static_cast<double>(dy[c]) * y[c];
+          const float D = static_cast<float>(dsum);
+          for (int j = 0; j < n; ++j) ds[j] = p[j] * (ds[j] - D);
+          // dq = scale * sum_j ds_j k_j; dk_j += scale * ds_j q; dv_j += p_j dout_t.
+          std::fill(dq.begin(), dq.end(), 0.0f);
+          const float* k0 = qkv + static_cast<long>(b) * T * d.ld + d.k_off + kv;
+          accumulate_matrix(dq.data(), k0, d.ld, ds.data(), n, d.HD);
+          for (int j = 0; j < n; ++j) {
+            const float dsj_scaled = ds[j] * d.scale;
+            const float pj = p[j];
+            float* __restrict dkj = dk.data() + static_cast<long>(j) * d.HD;
+            float* __restrict dvj = dv.data() + static_cast<long>(j) * d.HD;
+            for (int c = 0; c < d.HD; ++c) {
+              dkj[c] += dsj_scaled * q[c];
+              dvj[c] += pj * dy[c];
+            }
           }
+          float* dq_dst = dqkv + row * d.ld + h * d.HD;
+          for (int c = 0; c < d.HD; ++c) dq_dst[c] = dq[c] * d.scale;
         }
-        float* dq_dst = dqkv + row * d.ld + h * d.HD;
-        for (int c = 0; c < d.HD; ++c) dq_dst[c] = dq[c] * d.scale;
       }
       for (int t = 0; t < T; ++t) {
-        float* dst = dqkv + (static_cast<long>(b) * T + t) * d.ld + h * d.HD;
+        float* dst = dqkv + (static_cast<long>(b) * T + t) * d.ld + kv;
         const float* dkt = dk.data() + static_cast<long>(t) * d.HD;
         const float* dvt = dv.data() + static_cast<long>(t) * d.HD;
         for (int c = 0; c < d.HD; ++c) {
-          dst[C + c] = dkt[c];
-          dst[2 * C + c] = dvt[c];
+          dst[d.k_off + c] = dkt[c];
+          dst[d.v_off + c] = dvt[c];
         }
       }
     }
