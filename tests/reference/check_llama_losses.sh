@@ -81,8 +81,8 @@ for name in "${CONFIGS[@]}"; do
   mkdir -p "$dir"
   rm -f "$dir/remat.jsonl"  # remat appends to its --log
   ntok=$(( (STEPS + 1) * B * T + 1 ))
-  echo "=== $name: $MT L=$L C=$C NH=$NH NKV=$NKV I=$I V=$V maxT=$MAXT ${HEAD#--} ${BIAS:+q/k/v biases }" \
-       "theta=$THETA eps=$RMSEPS, B=$B T=$T, $STEPS steps, lr $LR, device $DEVICE ${REMAT_EXTRA_ARGS:-} ==="
+  echo "=== $name: $MT L=$L C=$C NH=$NH NKV=$NKV I=$I V=$V maxT=$MAXT ${HEAD#--}${BIAS:+ q/k/v biases}," \
+       "theta=$THETA eps=$RMSEPS, B=$B T=$T, $STEPS steps, lr $LR, device $DEVICE${REMAT_EXTRA_ARGS:+ $REMAT_EXTRA_ARGS} ==="
 
   "$PYTHON" "$REF" write-model "$dir/model" --model-type "$MT" --layers "$L" --channels "$C" \
     --heads "$NH" --kv-heads "$NKV" --intermediate "$I" --vocab "$V" --max-seq "$MAXT" \
