@@ -75,7 +75,7 @@ class Backend {
   virtual void host_task(Stream* s, std::function<void()> fn, const char* label, int block) = 0;
 
   // ---- the model's ops (kernels/*.h) ----
-  // wpe may be null (no position embedding: the Llama family); dwpe is then null too.
+  // wpe may be null (no position embedding); dwpe is then null too.
   virtual void encoder_forward(Stream* s, void* out, const int* tokens, const void* wte,
                                const void* wpe, int B, int T, int C) = 0;
   // dwte (Vp, C) +=, dwpe (T, C) += (deterministic).
