@@ -30,7 +30,9 @@ class Keys {
   [[noreturn]] void fail(const char* key, const std::string& what) const {
     throw Error(path_ + ": \"" + prefix_ + key + "\" " + what);
   }
+  // A value for a message (a container by its type: dump() recurses).
   std::string got(const json& v) const {
+    if (!v.is_primitive()) return std::string("a JSON ") + v.type_name();
     const std::string s = v.dump(-1, ' ', false, json::error_handler_t::replace);
     return s.size() > 40 ? s.substr(0, 40) + "..." : s;
   }

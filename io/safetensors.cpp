@@ -104,6 +104,18 @@ std::string type_of(const json& j) {
   return j.type_name();  // "object", "array", "string", "number", ...
 }
 
+// A value for a message: a scalar as JSON, a short flat list as JSON, else its type (dump()
+// recurses, so a deeply nested value is never dumped).
+std::string shown(const json& j) {
+  if (j.is_primitive()) return j.dump(-1, ' ', false, json::error_handler_t::replace);
+  if (j.is_array() && j.size() <= 8) {
+    bool flat = true;
+    for (const json& e : j) flat = flat && e.is_primitive();
+    if (flat) return j.dump(-1, ' ', false, json::error_handler_t::replace);
+  }
+  return "(a JSON " + type_of(j) + " of " + std::to_string(j.size()) + ")";
+}
+
 // A few names of `names` to offer beside one that is absent: those sharing the longest
 // prefix with it, then alphabetical.
 template <typename Map>
@@ -184,7 +196,7 @@ void parse_entry(const json& e, const std::string& where, uint64_t data_size, Te
   for (const json& d : *sh) {
     uint64_t v;
     REMAT_REQUIRE(get_u64(d, &v) && v <= static_cast<uint64_t>(INT64_MAX),
-                  where + ": \"shape\" " + sh->dump() + " is not a list of non-negative integers");
+                  where + ": \"shape\" holds " + shown(d) + ", not a non-negative integer");
     t->shape.push_back(static_cast<int64_t>(v));
   }
 
@@ -192,7 +204,7 @@ void parse_entry(const json& e, const std::string& where, uint64_t data_size, Te
   REMAT_REQUIRE(off != e.end(), where + ": no \"data_offsets\"");
   REMAT_REQUIRE(off->is_array() && off->size() == 2 && get_u64((*off)[0], &t->begin) &&
                     get_u64((*off)[1], &t->end),
-                where + ": \"data_offsets\" " + off->dump() +
+                where + ": \"data_offsets\" " + shown(*off) +
                     " is not [begin, end] of two non-negative integers");
   REMAT_REQUIRE(t->begin <= t->end,
                 where + ": \"data_offsets\" " + off->dump() + " end before they begin");
@@ -517,8 +529,7 @@ void write_safetensors(const std::string& path, const std::vector<TensorToWrite>
     REMAT_CHECK(t.dtype == TensorDType::kF32 || t.dtype == TensorDType::kBF16,
                 path + ": tensor '" + t.name + "': only F32 and BF16 are written, not " +
                     dtype_name(t.dtype));
-    REMAT_CHECK(!t.name.empty() && t.name != "__metadata__",
-                path + ": a tensor name must be non-empty and not __metadata__");
+    REMAT_CHECK(t.name != "__metadata__", path + ": no tensor may be called __metadata__");
     REMAT_CHECK(names.insert(t.name).second, path + ": tensor '" + t.name + "' given twice");
     for (int64_t d : t.shape)
       REMAT_CHECK(d >= 0, path + ": tensor '" + t.name + "' has shape " + shape_string(t.shape));

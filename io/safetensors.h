@@ -134,7 +134,7 @@ struct TensorToWrite {
 // Writes one safetensors file atomically (io/atomic_file.h) as the Hugging Face library
 // does: tensors laid out by descending element size, then by name (for one dtype: by name);
 // the compact JSON header (__metadata__ first, when not empty) padded with spaces to a
-// multiple of 8 bytes. Names must be unique, non-empty and not "__metadata__".
+// multiple of 8 bytes. Names must be unique and not "__metadata__".
 // transformers refuses a file whose metadata lacks "format": "pt" (no metadata at all is
 // accepted); write_safetensors_checkpoint adds it.
 void write_safetensors(const std::string& path, const std::vector<TensorToWrite>& tensors,

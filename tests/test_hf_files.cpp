@@ -366,9 +366,12 @@ TEST_F(HFFiles, EveryBadHeaderIsAnErrorNamingFileAndProblem) {
   bad(st_file("{" + entry("a", R"({"dtype":"F12","shape":[2],"data_offsets":[0,8]})") + "}", f8),
       {"tensor 'a'", "unknown dtype 'F12'", "BF16"});
   bad(st_file("{" + entry("a", R"({"dtype":"F32","shape":[-2],"data_offsets":[0,8]})") + "}", f8),
-      {"tensor 'a'", "[-2]", "non-negative integers"});
+      {"tensor 'a'", "\"shape\" holds -2", "non-negative integer"});
   bad(st_file("{" + entry("a", R"({"dtype":"F32","shape":[2.0],"data_offsets":[0,8]})") + "}", f8),
-      {"tensor 'a'", "non-negative integers"});
+      {"tensor 'a'", "holds 2.0", "non-negative integer"});
+  bad(st_file("{" + entry("a", R"({"dtype":"F32","shape":[[[2]]],"data_offsets":[0,8]})") + "}",
+              f8),
+      {"tensor 'a'", "holds (a JSON array of 1)", "non-negative integer"});
   bad(st_file("{" + entry("a", R"({"dtype":"F32","shape":2,"data_offsets":[0,8]})") + "}", f8),
       {"tensor 'a'", "\"shape\"", "not an array"});
   bad(st_file("{" + entry("a", R"({"dtype":"F32","shape":[2],"data_offsets":[0]})") + "}", f8),

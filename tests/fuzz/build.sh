@@ -27,7 +27,7 @@ fi
 # The readers of outside bytes and what they use; nothing that trains.
 sources=(io/llmc_model.cpp io/shards.cpp io/tokenizer.cpp io/train_state.cpp
          io/atomic_file.cpp app/cli.cpp io/config.cpp io/params.cpp base/bytes.cpp
-         runtime/plan.cpp)
+         runtime/plan.cpp io/safetensors.cpp)
 targets=()
 for f in "$root"/tests/fuzz/fuzz_*.cpp; do targets+=("$(basename "$f" .cpp)"); done
 

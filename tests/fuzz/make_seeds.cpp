@@ -1,12 +1,14 @@
 // Writes the seed corpora of the fuzz targets: small valid files made by remat's own writers
 // (and a few near misses), so that fuzzing starts from the formats' real structure.
 //
-// usage: make_seeds DIR   -- creates DIR/{shard,llmc_model,train_state,tokenizer,cli}/
+// usage: make_seeds DIR   -- creates DIR/{shard,llmc_model,train_state,tokenizer,cli,
+//                           safetensors}/
 // Each file stays well under the fuzzers' -max_len (64 KiB).
 #include <sys/stat.h>
 
 #include <cstdio>
 #include <cstring>
+#include <map>
 #include <string>
 #include <vector>
 
@@ -14,6 +16,7 @@
 #include "io/config.h"
 #include "io/llmc_model.h"
 #include "io/params.h"
+#include "io/safetensors.h"
 #include "io/shards.h"
 #include "io/tokenizer.h"
 #include "io/train_state.h"
@@ -146,6 +149,53 @@ void command_lines() {
   }
 }
 
+// Safetensors files from remat's writer (F32, BF16, mixed, metadata, a scalar, empty
+// tensors), one by hand with F16, F64 and I32 tensors, Python's spacing and padding, and near
+// misses (an overlap, a hole).
+void safetensors() {
+  const std::string tmp = g_dir + "/tmp.safetensors";
+  std::vector<float> v(48);
+  for (size_t i = 0; i < v.size(); i++) v[i] = 0.37f * static_cast<float>(i) - 5.0f;
+  using T = remat::TensorDType;
+  const std::vector<std::vector<remat::TensorToWrite>> files = {
+      {{"w", {6, 8}, v.data(), T::kF32}},
+      {{"model.embed_tokens.weight", {4, 4}, v.data(), T::kBF16},
+       {"model.norm.weight", {4}, v.data() + 16, T::kF32},
+       {"lm_head.weight", {2, 4}, v.data() + 20, T::kBF16}},
+      {{"scalar", {}, v.data(), T::kF32}, {"empty", {0, 5}, nullptr, T::kBF16}},
+  };
+  int k = 0;
+  for (const auto& ts : files) {
+    remat::write_safetensors(tmp, ts,
+                             k == 1 ? std::map<std::string, std::string>{{"format", "pt"}}
+                                    : std::map<std::string, std::string>{});
+    put("safetensors", "written" + std::to_string(k++), bytes_of(tmp));
+  }
+  auto by_hand = [](const std::string& header, const std::string& data) {
+    std::vector<uint8_t> b(8);
+    for (int i = 0; i < 8; i++) b[i] = static_cast<uint8_t>(header.size() >> (8 * i));
+    b.insert(b.end(), header.begin(), header.end());
+    b.insert(b.end(), data.begin(), data.end());
+    return b;
+  };
+  const std::string data16 = std::string("\x00\x3c\x00\xb8\xff\x7b\x01\x00", 8) +
+                             std::string("\x55\x55\x55\x55\x55\x55\xd5\x3f", 8) +
+                             std::string("\x07\x00\x00\x00", 4);
+  put("safetensors", "f16_f64_i32",
+      by_hand(R"({"h": {"dtype": "F16", "shape": [2, 2], "data_offsets": [0, 8]}, )"
+              R"("d": {"dtype": "F64", "shape": [], "data_offsets": [8, 16]}, )"
+              R"("i": {"dtype": "I32", "shape": [1], "data_offsets": [16, 20]}, )"
+              R"("__metadata__": {"who": "python"}}    )",
+              data16));
+  put("safetensors", "overlap",
+      by_hand(R"({"a":{"dtype":"U8","shape":[4],"data_offsets":[0,4]},)"
+              R"("b":{"dtype":"U8","shape":[2],"data_offsets":[2,4]}})",
+              "abcd"));
+  put("safetensors", "hole",
+      by_hand(R"({"a":{"dtype":"F8_E4M3","shape":[2],"data_offsets":[2,4]}})", "abcd"));
+  put("safetensors", "empty", by_hand("{}", ""));
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -161,6 +211,7 @@ int main(int argc, char** argv) {
     states();
     tokenizers();
     command_lines();
+    safetensors();
   } catch (const std::exception& e) {
     std::fprintf(stderr, "make_seeds: %s\n", e.what());
     return 1;
