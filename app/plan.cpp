@@ -2,6 +2,8 @@
 // dry-run arena. No GPU and no weights needed.
 #include <chrono>
 #include <cstdio>
+#include <cstdlib>
+#include <nlohmann/json.hpp>
 
 #include "app/cli.h"
 #include "app/commands.h"
@@ -76,26 +78,40 @@ int cmd_plan(int argc, const char* const* argv) {
     for (size_t k = 0; k < K; k++) count[k] += s[k];
 
   if (o.get_bool("json")) {
-    std::printf(
-        "{\"model\":\"%s\",\"batch\":%d,\"seq\":%d,\"dtype\":\"%s\",\"recompute\":\"%s\","
-        "\"lookahead\":%d,\"num_params\":%llu,\"params_bytes\":%llu,\"grads_bytes\":%llu,"
-        "\"optimizer_bytes\":%llu,\"activation_peak_bytes\":%llu,\"workspace_peak_bytes\":%llu,"
-        "\"arena_peak_bytes\":%llu,\"total_bytes\":%llu,\"activation_peak_forward_bytes\":%llu,"
-        "\"activation_peak_backward_bytes\":%llu,\"activation_peak_recompute_bytes\":%llu,"
-        "\"recompute_flops\":%.6g,\"step_flops\":%.6g,\"recompute_flops_fraction\":%.6g,"
-        "\"recompute_seconds_model\":%.6g,\"recomputed\":{",
-        model.c_str(), B, T, dts.c_str(), plan.spec.c_str(), so.lookahead,
-        (unsigned long long)num_params(c), (unsigned long long)r.params_bytes,
-        (unsigned long long)r.grads_bytes, (unsigned long long)r.optimizer_bytes,
-        (unsigned long long)r.activation_peak, (unsigned long long)r.workspace_peak,
-        (unsigned long long)r.arena_peak, (unsigned long long)r.total_bytes,
-        (unsigned long long)r.activation_peak_in_phase[0],
-        (unsigned long long)r.activation_peak_in_phase[1],
-        (unsigned long long)r.activation_peak_in_phase[2], r.recompute_flops, step_flops(c, B, T),
-        r.recompute_flops_fraction, r.recompute_seconds);
-    for (size_t k = 0; k < K; k++)
-      std::printf("%s\"%s\":%d", k ? "," : "", prog.slots[k].c_str(), count[k]);
-    std::printf("},\"plan_seconds\":%.4f}\n", secs);
+    // The numbers keep the precision they have always been printed with.
+    auto rounded = [](const char* format, double x) {
+      char b[64];
+      std::snprintf(b, sizeof b, format, x);
+      return std::strtod(b, nullptr);
+    };
+    nlohmann::ordered_json j;
+    j["model"] = model;
+    j["batch"] = B;
+    j["seq"] = T;
+    j["dtype"] = dts;
+    j["recompute"] = plan.spec;
+    j["lookahead"] = so.lookahead;
+    j["num_params"] = static_cast<uint64_t>(num_params(c));
+    j["params_bytes"] = static_cast<uint64_t>(r.params_bytes);
+    j["grads_bytes"] = static_cast<uint64_t>(r.grads_bytes);
+    j["optimizer_bytes"] = static_cast<uint64_t>(r.optimizer_bytes);
+    j["activation_peak_bytes"] = static_cast<uint64_t>(r.activation_peak);
+    j["workspace_peak_bytes"] = static_cast<uint64_t>(r.workspace_peak);
+    j["arena_peak_bytes"] = static_cast<uint64_t>(r.arena_peak);
+    j["total_bytes"] = static_cast<uint64_t>(r.total_bytes);
+    j["activation_peak_forward_bytes"] = static_cast<uint64_t>(r.activation_peak_in_phase[0]);
+    j["activation_peak_backward_bytes"] = static_cast<uint64_t>(r.activation_peak_in_phase[1]);
+    j["activation_peak_recompute_bytes"] = static_cast<uint64_t>(r.activation_peak_in_phase[2]);
+    j["recompute_flops"] = rounded("%.6g", r.recompute_flops);
+    j["step_flops"] = rounded("%.6g", step_flops(c, B, T));
+    j["recompute_flops_fraction"] = rounded("%.6g", r.recompute_flops_fraction);
+    j["recompute_seconds_model"] = rounded("%.6g", r.recompute_seconds);
+    nlohmann::ordered_json recomputed = nlohmann::ordered_json::object();
+    for (size_t k = 0; k < K; k++) recomputed[prog.slots[k]] = count[k];
+    j["recomputed"] = std::move(recomputed);
+    j["plan_seconds"] = rounded("%.4f", secs);
+    std::printf("%s\n",
+                j.dump(-1, ' ', false, nlohmann::ordered_json::error_handler_t::replace).c_str());
     return 0;
   }
   if (c.is_llama())

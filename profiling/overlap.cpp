@@ -1,8 +1,10 @@
 #include "profiling/overlap.h"
 
 #include <algorithm>
+#include <cstdlib>
 #include <cstring>
 #include <map>
+#include <nlohmann/json.hpp>
 
 #include "runtime/plan.h"
 
@@ -60,10 +62,11 @@ Interval span_of(const TraceRecord& r) {
   return {r.op.start_ns, r.op.end_ns};
 }
 
-std::string num(double x) {
+// The report keeps six decimals: ms to the ns.
+double num(double x) {
   char b[64];
   std::snprintf(b, sizeof b, "%.6f", x);
-  return b;
+  return std::strtod(b, nullptr);
 }
 
 }  // namespace
@@ -157,45 +160,38 @@ OverlapReport overlap_report(const TraceData& d, int main_id, int side_id) {
 }
 
 std::string to_json(const OverlapReport& r) {
-  std::string o = "{";
-  auto field = [&](const char* k, const std::string& v) {
-    if (o.size() > 1) o += ",";
-    o += "\n  \"" + std::string(k) + "\": " + v;
-  };
-  field("main_stream", "\"" + r.main_stream + "\"");
-  field("side_stream", "\"" + r.side_stream + "\"");
-  field("steps", std::to_string(r.steps));
-  field("step_ms", num(r.step_ms));
-  field("window_ms", num(r.window_ms));
-  field("main_busy_ms", num(r.main_busy_ms));
-  field("main_wait_ms", num(r.main_wait_ms));
-  field("main_idle_ms", num(r.main_idle_ms));
-  field("side_busy_ms", num(r.side_busy_ms));
-  field("recompute_ms", num(r.recompute_ms));
-  field("recompute_overlapped_ms", num(r.recompute_overlapped_ms));
-  field("recompute_hidden_fraction", num(r.recompute_hidden_fraction));
-  field("exposed_recompute_ms", num(r.exposed_recompute_ms));
-  field("exposed_waits", std::to_string(r.exposed_waits));
-  field("exposed_outside_blocks_ms", num(r.exposed_outside_blocks_ms));
-  field("arena_live_peak", std::to_string(r.arena_live_peak));
-  field("activation_live_peak", std::to_string(r.activation_live_peak));
-  field("arena_peak_bytes", std::to_string(r.arena_peak_bytes));
-  std::string phases = "{";
-  for (int p = 0; p < kNumPhases; p++) {
-    phases += std::string(p ? ", " : "") + "\"" + phase_name(static_cast<Phase>(p)) +
-              "\": " + std::to_string(r.activation_peak_in_phase[p]);
+  nlohmann::ordered_json j;
+  j["main_stream"] = r.main_stream;
+  j["side_stream"] = r.side_stream;
+  j["steps"] = r.steps;
+  j["step_ms"] = num(r.step_ms);
+  j["window_ms"] = num(r.window_ms);
+  j["main_busy_ms"] = num(r.main_busy_ms);
+  j["main_wait_ms"] = num(r.main_wait_ms);
+  j["main_idle_ms"] = num(r.main_idle_ms);
+  j["side_busy_ms"] = num(r.side_busy_ms);
+  j["recompute_ms"] = num(r.recompute_ms);
+  j["recompute_overlapped_ms"] = num(r.recompute_overlapped_ms);
+  j["recompute_hidden_fraction"] = num(r.recompute_hidden_fraction);
+  j["exposed_recompute_ms"] = num(r.exposed_recompute_ms);
+  j["exposed_waits"] = r.exposed_waits;
+  j["exposed_outside_blocks_ms"] = num(r.exposed_outside_blocks_ms);
+  j["arena_live_peak"] = r.arena_live_peak;
+  j["activation_live_peak"] = r.activation_live_peak;
+  j["arena_peak_bytes"] = r.arena_peak_bytes;
+  nlohmann::ordered_json phases = nlohmann::ordered_json::object();
+  for (int p = 0; p < kNumPhases; p++)
+    phases[phase_name(static_cast<Phase>(p))] = r.activation_peak_in_phase[p];
+  j["activation_peak_in_phase"] = std::move(phases);
+  nlohmann::ordered_json blocks = nlohmann::ordered_json::array();
+  for (const BlockOverlap& b : r.blocks) {
+    blocks.push_back({{"block", b.block},
+                      {"recompute_ms", num(b.recompute_ms)},
+                      {"overlapped_ms", num(b.overlapped_ms)},
+                      {"exposed_ms", num(b.exposed_ms)}});
   }
-  field("activation_peak_in_phase", phases + "}");
-  std::string blocks = "[";
-  for (size_t i = 0; i < r.blocks.size(); i++) {
-    const BlockOverlap& b = r.blocks[i];
-    blocks += std::string(i ? "," : "") + "\n    {\"block\": " + std::to_string(b.block) +
-              ", \"recompute_ms\": " + num(b.recompute_ms) +
-              ", \"overlapped_ms\": " + num(b.overlapped_ms) +
-              ", \"exposed_ms\": " + num(b.exposed_ms) + "}";
-  }
-  field("blocks", blocks + (r.blocks.empty() ? "]" : "\n  ]"));
-  return o + "\n}\n";
+  j["blocks"] = std::move(blocks);
+  return j.dump(2, ' ', false, nlohmann::ordered_json::error_handler_t::replace) + "\n";
 }
 
 void print(const OverlapReport& r, std::FILE* out) {

@@ -3,9 +3,9 @@
 #include <algorithm>
 #include <cerrno>
 #include <chrono>
-#include <cinttypes>
 #include <cstdio>
 #include <cstring>
+#include <nlohmann/json.hpp>
 
 #include "kernels/common.h"
 
@@ -20,32 +20,10 @@ bool starts_with(const char* s, const char* prefix) {
   return std::strncmp(s, prefix, std::strlen(prefix)) == 0;
 }
 
-// JSON string literal of s (quotes included).
-std::string quoted(const std::string& s) {
-  std::string o = "\"";
-  for (const char ch : s) {
-    const unsigned char c = static_cast<unsigned char>(ch);
-    if (c == '"' || c == '\\') {
-      o += '\\';
-      o += ch;
-    } else if (c < 0x20) {
-      char b[8];
-      std::snprintf(b, sizeof b, "\\u%04x", c);
-      o += b;
-    } else {
-      o += ch;
-    }
-  }
-  return o + "\"";
-}
-
-// ns as µs with three decimals: exact.
-std::string micros(int64_t ns) {
-  char b[32];
-  const char* sign = ns < 0 ? "-" : "";
-  const int64_t a = ns < 0 ? -ns : ns;
-  std::snprintf(b, sizeof b, "%s%" PRId64 ".%03" PRId64, sign, a / 1000, a % 1000);
-  return b;
+// ns as µs. The double is the one nearest the exact decimal ns / 1000 and nlohmann prints
+// text that reads back as that double, so a trace keeps every ns (for spans under 2^52 ns).
+double micros(int64_t ns) {
+  return static_cast<double>(ns) / 1000.0;
 }
 
 // The ops (not waits) of one stream with seq > 0, sorted by seq, with running extremes for
@@ -314,68 +292,84 @@ void Tracer::place_memory(const std::vector<TraceRecord>& records,
 void Tracer::write_chrome_json(const std::string& path) const {
   const std::string json = chrome_trace_json(data());
   FILE* f = std::fopen(path.c_str(), "wb");
-  REMAT_CHECK(f, path + ": cannot write the trace: " + std::strerror(errno));
+  REMAT_REQUIRE(f, path + ": cannot write the trace: " + std::strerror(errno));
   const bool ok = std::fwrite(json.data(), 1, json.size(), f) == json.size();
   const bool closed = std::fclose(f) == 0;
-  REMAT_CHECK(ok && closed, path + ": error writing the trace: " + std::strerror(errno));
+  REMAT_REQUIRE(ok && closed, path + ": error writing the trace: " + std::strerror(errno));
 }
 
 std::string chrome_trace_json(const TraceData& d) {
+  using ojson = nlohmann::ordered_json;
   int64_t t0 = INT64_MAX;
   for (const TraceRecord& r : d.records) t0 = std::min(t0, r.op.start_ns);
   for (const HostSpan& s : d.spans) t0 = std::min(t0, s.start_ns);
   for (const MemorySample& m : d.memory) t0 = std::min(t0, m.ts_ns);
   if (t0 == INT64_MAX) t0 = 0;
 
-  std::string o;
-  o.reserve(256 + 160 * (d.records.size() + d.memory.size()));
-  bool first = true;
-  auto event = [&](const std::string& body) {
-    o += first ? "\n" : ",\n";
-    o += "{" + body + "}";
-    first = false;
-  };
+  std::vector<ojson> events;
+  events.reserve(1 + 2 * (d.stream_names.size() + 1) + d.records.size() + d.spans.size() +
+                 d.memory.size());
   auto lane_name = [&](int id) {
     auto it = d.stream_names.find(id);
     return it == d.stream_names.end() ? "stream " + std::to_string(id) : it->second;
   };
-  o += "{\"traceEvents\":[";
-  event(R"("ph":"M","pid":1,"name":"process_name","args":{"name":"remat"})");
+  events.push_back(
+      {{"ph", "M"}, {"pid", 1}, {"name", "process_name"}, {"args", {{"name", "remat"}}}});
   auto name_lane = [&](int tid, const std::string& name) {
-    const std::string t = std::to_string(tid);
-    event(R"("ph":"M","pid":1,"tid":)" + t + R"(,"name":"thread_name","args":{"name":)" +
-          quoted(name) + "}");
-    event(R"("ph":"M","pid":1,"tid":)" + t +
-          R"(,"name":"thread_sort_index","args":{"sort_index":)" + t + "}");
+    events.push_back({{"ph", "M"},
+                      {"pid", 1},
+                      {"tid", tid},
+                      {"name", "thread_name"},
+                      {"args", {{"name", name}}}});
+    events.push_back({{"ph", "M"},
+                      {"pid", 1},
+                      {"tid", tid},
+                      {"name", "thread_sort_index"},
+                      {"args", {{"sort_index", tid}}}});
   };
   for (const auto& [id, name] : d.stream_names) name_lane(id, name);
   if (!d.spans.empty()) name_lane(kHostLaneTid, "host");
 
   for (const TraceRecord& r : d.records) {
     const char* label = r.op.label ? r.op.label : "";
-    std::string e = R"("ph":"X","pid":1,"tid":)" + std::to_string(r.op.stream_id) +
-                    ",\"name\":" + quoted(label) + ",\"cat\":\"" +
-                    trace_category_name(trace_category(label)) +
-                    "\",\"ts\":" + micros(r.op.start_ns - t0) +
-                    ",\"dur\":" + micros(r.op.end_ns - r.op.start_ns) +
-                    ",\"args\":{\"block\":" + std::to_string(r.op.block) +
-                    ",\"op\":" + quoted(label) + ",\"seq\":" + std::to_string(r.seq);
-    if (r.is_wait())
-      e += ",\"waited_stream\":" + std::to_string(r.waited_stream) +
-           ",\"waited_stream_name\":" + quoted(lane_name(r.waited_stream)) +
-           ",\"waited_seq\":" + std::to_string(r.waited_seq);
-    event(e + "}");
+    ojson args = {{"block", r.op.block}, {"op", label}, {"seq", r.seq}};
+    if (r.is_wait()) {
+      args["waited_stream"] = r.waited_stream;
+      args["waited_stream_name"] = lane_name(r.waited_stream);
+      args["waited_seq"] = r.waited_seq;
+    }
+    events.push_back({{"ph", "X"},
+                      {"pid", 1},
+                      {"tid", r.op.stream_id},
+                      {"name", label},
+                      {"cat", trace_category_name(trace_category(label))},
+                      {"ts", micros(r.op.start_ns - t0)},
+                      {"dur", micros(r.op.end_ns - r.op.start_ns)},
+                      {"args", std::move(args)}});
   }
   for (const HostSpan& s : d.spans) {
-    event(R"("ph":"X","pid":1,"tid":)" + std::to_string(kHostLaneTid) + ",\"name\":" +
-          quoted(s.label ? s.label : "") + ",\"cat\":\"host\",\"ts\":" + micros(s.start_ns - t0) +
-          ",\"dur\":" + micros(s.end_ns - s.start_ns) +
-          ",\"args\":{\"index\":" + std::to_string(s.index) + "}");
+    events.push_back({{"ph", "X"},
+                      {"pid", 1},
+                      {"tid", kHostLaneTid},
+                      {"name", s.label ? s.label : ""},
+                      {"cat", "host"},
+                      {"ts", micros(s.start_ns - t0)},
+                      {"dur", micros(s.end_ns - s.start_ns)},
+                      {"args", {{"index", s.index}}}});
   }
   for (const MemorySample& m : d.memory) {
-    event(R"("ph":"C","pid":1,"name":"arena bytes","ts":)" + micros(m.ts_ns - t0) +
-          ",\"args\":{\"live\":" + std::to_string(m.live_bytes) +
-          ",\"activations\":" + std::to_string(m.activation_bytes) + "}");
+    events.push_back({{"ph", "C"},
+                      {"pid", 1},
+                      {"name", "arena bytes"},
+                      {"ts", micros(m.ts_ns - t0)},
+                      {"args", {{"live", m.live_bytes}, {"activations", m.activation_bytes}}}});
+  }
+  // {"traceEvents": [...], "displayTimeUnit": "ms"} with one event per line, so that a trace
+  // reads with head and grep; every event is nlohmann's (labels that are not UTF-8 get U+FFFD).
+  std::string o = "{\"traceEvents\":[";
+  for (size_t i = 0; i < events.size(); i++) {
+    o += i ? ",\n" : "\n";
+    o += events[i].dump(-1, ' ', false, ojson::error_handler_t::replace);
   }
   o += "\n],\"displayTimeUnit\":\"ms\"}\n";
   return o;
