@@ -253,5 +253,21 @@ TEST(HFModel, BadDirectoriesNameFileAndProblem) {
   }
 }
 
+// Models saved by transformers train in remat with the per-step losses transformers and
+// torch's AdamW give them (tests/hf/check_transformers.py). Needs torch and transformers
+// (REMAT_HF_PYTHON names an interpreter that has them; default python3): skipped without.
+TEST(HFModel, TrainsLikeTransformers) {
+  const char* py = std::getenv("REMAT_HF_PYTHON");
+  const std::string python = py && *py ? py : "python3";
+  const auto r = test::run_shell(test::shell_quote(python) + " " +
+                                 test::shell_quote(std::string(REMAT_SOURCE_DIR) +
+                                                   "/tests/hf/check_transformers.py") +
+                                 " " + test::shell_quote(REMAT_BINARY));
+  if (r.status == 77) GTEST_SKIP() << "torch or transformers missing for " << python << ": " << r.output;
+  EXPECT_EQ(r.status, 0) << r.output;
+  EXPECT_TRUE(contains(r.output, "PASS")) << r.output;
+  EXPECT_FALSE(contains(r.output, "FAIL")) << r.output;
+}
+
 }  // namespace
 }  // namespace remat

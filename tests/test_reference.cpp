@@ -11,45 +11,23 @@
 
 #include <string>
 
+#include "tests/test_util.h"
+
 namespace {
 
-struct Result {
-  int status = -1;  // exit status, or -1 when the command did not exit normally
-  std::string output;
-};
-
-Result run(const std::string& cmd) {
-  Result r;
-  FILE* p = popen((cmd + " 2>&1").c_str(), "r");
-  if (p == nullptr) return r;
-  char buf[4096];
-  size_t n;
-  while ((n = fread(buf, 1, sizeof buf, p)) > 0) r.output.append(buf, n);
-  const int st = pclose(p);
-  if (st != -1 && WIFEXITED(st)) r.status = WEXITSTATUS(st);
-  return r;
-}
-
-std::string quote(const std::string& s) {
-  std::string q = "'";
-  for (char c : s) {
-    if (c == '\'')
-      q += "'\\''";
-    else
-      q += c;
-  }
-  return q + "'";
-}
+using Result = remat::test::ShellResult;
+using remat::test::run_shell;
+using remat::test::shell_quote;
 
 const std::string kReferenceDir = std::string(REMAT_SOURCE_DIR) + "/tests/reference";
 
 bool have_numpy() {
-  return run("python3 -c 'import numpy'").status == 0;
+  return run_shell("python3 -c 'import numpy'").status == 0;
 }
 
 TEST(Reference, NumpyReferenceSelfTest) {
   if (!have_numpy()) GTEST_SKIP() << "python3 with numpy is not available (pip install numpy)";
-  const Result r = run("python3 " + quote(kReferenceDir + "/gpt2_numpy.py") + " self-test");
+  const Result r = run_shell("python3 " + shell_quote(kReferenceDir + "/gpt2_numpy.py") + " self-test");
   EXPECT_EQ(r.status, 0) << r.output;
 }
 
@@ -60,8 +38,8 @@ TEST(Reference, TrainingLossesMatchReference) {
   if (big != nullptr && std::string(big) == "1") configs += " gpt2";
   // The claim is 1e-4 relative; remat agrees to about 5e-8, so the test holds it to 1e-6,
   // tight enough to catch an AdamW epsilon off by 100x.
-  const Result r = run("RTOL=1e-6 bash " + quote(kReferenceDir + "/check_losses.sh") + " " +
-                       quote(REMAT_BINARY) + " " + configs);
+  const Result r = run_shell("RTOL=1e-6 bash " + shell_quote(kReferenceDir + "/check_losses.sh") + " " +
+                       shell_quote(REMAT_BINARY) + " " + configs);
   EXPECT_EQ(r.status, 0) << r.output;
   if (r.status == 0) printf("%s", r.output.c_str());
 }

@@ -22,48 +22,24 @@ using remat::test::contains;
 using remat::test::slurp;
 using remat::test::TempDir;
 
-struct Result {
-  int status = -1;  // exit status, or -1 when the command did not exit normally
-  std::string output;
-};
-
-Result run(const std::string& cmd) {
-  Result r;
-  FILE* p = popen((cmd + " 2>&1").c_str(), "r");
-  if (p == nullptr) return r;
-  char buf[4096];
-  size_t n;
-  while ((n = fread(buf, 1, sizeof buf, p)) > 0) r.output.append(buf, n);
-  const int st = pclose(p);
-  if (st != -1 && WIFEXITED(st)) r.status = WEXITSTATUS(st);
-  return r;
-}
-
-std::string quote(const std::string& s) {
-  std::string q = "'";
-  for (char c : s) {
-    if (c == '\'')
-      q += "'\\''";
-    else
-      q += c;
-  }
-  return q + "'";
-}
+using Result = remat::test::ShellResult;
+using remat::test::run_shell;
+using remat::test::shell_quote;
 
 const std::string kReferenceDir = std::string(REMAT_SOURCE_DIR) + "/tests/reference";
 const char* kConfigs[] = {"llama-gqa", "llama-tied", "qwen2", "mistral"};
 
 bool have_numpy() {
-  return run("python3 -c 'import numpy'").status == 0;
+  return run_shell("python3 -c 'import numpy'").status == 0;
 }
 
 // Runs check_llama_losses.sh on every config in `work` (the per-config directories stay there).
 Result check(const std::string& work, const std::string& extra_args) {
-  std::string cmd = "WORK_DIR=" + quote(work) + " RTOL=1e-6";
-  if (!extra_args.empty()) cmd += " REMAT_EXTRA_ARGS=" + quote(extra_args);
-  cmd += " bash " + quote(kReferenceDir + "/check_llama_losses.sh") + " " + quote(REMAT_BINARY);
+  std::string cmd = "WORK_DIR=" + shell_quote(work) + " RTOL=1e-6";
+  if (!extra_args.empty()) cmd += " REMAT_EXTRA_ARGS=" + shell_quote(extra_args);
+  cmd += " bash " + shell_quote(kReferenceDir + "/check_llama_losses.sh") + " " + shell_quote(REMAT_BINARY);
   for (const char* c : kConfigs) cmd += std::string(" ") + c;
-  return run(cmd);
+  return run_shell(cmd);
 }
 
 // step -> the "loss" and "grad_norm" text of remat's --log lines (as written, so that two runs
@@ -89,7 +65,7 @@ std::map<int, std::string> logged_steps(const std::string& path) {
 
 TEST(LlamaReference, NumpyReferenceSelfTest) {
   if (!have_numpy()) GTEST_SKIP() << "python3 with numpy is not available (pip install numpy)";
-  const Result r = run("python3 " + quote(kReferenceDir + "/llama_numpy.py") + " self-test");
+  const Result r = run_shell("python3 " + shell_quote(kReferenceDir + "/llama_numpy.py") + " self-test");
   EXPECT_EQ(r.status, 0) << r.output;
   EXPECT_TRUE(contains(r.output, "self-test PASSED")) << r.output;
 }

@@ -153,4 +153,34 @@ inline Result run_remat(const std::vector<std::string>& args, const std::string&
   return result_of(c, wait_child(c));
 }
 
+// A shell command's exit status (-1 when it did not exit normally) and its stdout and stderr
+// together.
+struct ShellResult {
+  int status = -1;
+  std::string output;
+};
+inline ShellResult run_shell(const std::string& cmd) {
+  ShellResult r;
+  FILE* p = popen((cmd + " 2>&1").c_str(), "r");
+  if (p == nullptr) return r;
+  char buf[4096];
+  size_t n;
+  while ((n = fread(buf, 1, sizeof buf, p)) > 0) r.output.append(buf, n);
+  const int st = pclose(p);
+  if (st != -1 && WIFEXITED(st)) r.status = WEXITSTATUS(st);
+  return r;
+}
+
+// s in single quotes for the shell.
+inline std::string shell_quote(const std::string& s) {
+  std::string q = "'";
+  for (char c : s) {
+    if (c == '\'')
+      q += "'\\''";
+    else
+      q += c;
+  }
+  return q + "'";
+}
+
 }  // namespace remat::test
