@@ -176,6 +176,8 @@ struct Executor::Impl {
   // Derived once.
   std::vector<char> keep;           // kept by the plan in training
   std::vector<int> last_fwd_train;  // last forward use among the ops a training forward runs
+  std::vector<std::vector<ParamId>> grads_final_at;  // per op: params whose gradient it finishes
+  Executor::GradReadyHook grad_ready_hook;
   std::vector<int> last_fwd_eval;   // last forward use, evaluation (all ops)
   std::vector<int> last_bwd_read;   // lowest op index whose backward reads it, -1 none
   std::vector<std::vector<int>> replay_readers;  // blocks whose replay reads a stored tensor
@@ -269,6 +271,15 @@ struct Executor::Impl {
 
   void derive() {
     const size_t nt = P.tensors.size(), no = P.ops.size();
+    // The backward pass runs ops in reverse: a parameter's gradient is final after its
+    // lowest-indexed user.
+    grads_final_at.assign(no, {});
+    std::vector<int> last_writer(P.params.size(), -1);
+    for (size_t i = 0; i < no; i++)
+      for (ParamId q : P.ops[i].params)
+        if (q >= 0 && last_writer[q] < 0) last_writer[q] = static_cast<int>(i);
+    for (size_t q = 0; q < P.params.size(); q++)
+      if (last_writer[q] >= 0) grads_final_at[last_writer[q]].push_back(static_cast<ParamId>(q));
     keep.assign(nt, 0);
     for (size_t t = 0; t < nt; t++) keep[t] = kept(P, plan, static_cast<TensorId>(t));
     last_fwd_train.assign(nt, -1);
@@ -839,6 +850,8 @@ struct Executor::Impl {
         if (b >= 0) nvtx_block = std::make_unique<NvtxRange>("backward.block", b);
       }
       backward_op(i, dloss);
+      if (grad_ready_hook)
+        for (ParamId q : grads_final_at[i]) grad_ready_hook(q, main.get());
     }
     nvtx_block.reset();
     side->synchronize();
@@ -868,6 +881,9 @@ Executor::Executor(std::shared_ptr<const Program> program, Plan plan, ActDType d
     : impl_(std::make_unique<Impl>(std::move(program), std::move(plan), dtype, opt, dry, backend)) {
 }
 Executor::~Executor() = default;
+void Executor::set_grad_ready_hook(GradReadyHook hook) {
+  impl_->grad_ready_hook = std::move(hook);
+}
 
 float Executor::forward_backward(const void* params, void* grads, const int* inputs,
                                  const int* targets, float dloss) {

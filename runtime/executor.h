@@ -16,6 +16,7 @@
 // the executor is made.
 #pragma once
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -92,6 +93,14 @@ class Executor {
   float forward_loss(const void* params, const int* inputs, const int* targets);
   // Forward only: logits (Vp, host fp32) of row (b = 0, t = pos); columns >= V are -inf.
   void forward_logits(const void* params, const int* inputs, int pos, float* logits);
+
+  // Called on the host during forward_backward, right after the last kernel that writes a
+  // parameter's gradient has been enqueued on the main stream (parameters in the order the
+  // backward pass finishes them; a tied parameter after its last user): work that reads that
+  // gradient (a data-parallel reduction) may start once `main` gets there (record an event
+  // on it). main is null in a dry run. An empty hook (the default) does nothing.
+  using GradReadyHook = std::function<void(ParamId, Stream* main)>;
+  void set_grad_ready_hook(GradReadyHook hook);
 
   const ArenaStats& stats() const;
   void reset_peaks();
