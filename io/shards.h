@@ -1,7 +1,8 @@
 // llm.c's token shards and the data loader that walks them.
 //
-// Shard layout (little endian): a header of 256 int32 -- [0] 20240520 magic, [1] version 1,
-// [2] token count n -- then n uint16 tokens.
+// Shard layout (little endian): a header of 256 int32 -- [0] magic, [1] version, [2] token
+// count n -- then n tokens: magic 20240520 with version 1 for uint16 tokens (GPT-2), magic
+// 20240801 with version 7 for uint32 tokens (llm.c's dev/data/data_common.py "llama-3").
 #pragma once
 #include <cstddef>
 #include <cstdint>
@@ -10,14 +11,20 @@
 
 namespace remat {
 
-constexpr int32_t kShardMagic = 20240520;
+constexpr int32_t kShardMagic = 20240520;    // version 1, uint16 tokens
+constexpr int32_t kShardMagic32 = 20240801;  // version 7, uint32 tokens
 constexpr int kShardHeaderInts = 256;
 
 // Writes a shard atomically (io/atomic_file.h). n must fit the header's int32.
 void write_shard(const std::string& path, const uint16_t* tokens, size_t n);
+// The same as a uint32 shard (magic 20240801, version 7).
+void write_shard_u32(const std::string& path, const uint32_t* tokens, size_t n);
 
-// Reads a whole shard, validating magic, version and header count against the file size.
+// Reads a whole uint16 shard, validating magic, version and header count against the file
+// size; a uint32 shard is an Error pointing to read_shard_u32.
 std::vector<uint16_t> read_shard(const std::string& path);
+// Reads a whole shard of either kind, its tokens widened to uint32.
+std::vector<uint32_t> read_shard_u32(const std::string& path);
 
 // The paths matching a glob(3) pattern, sorted bytewise. Error naming the pattern if none.
 std::vector<std::string> expand_glob(const std::string& pattern);
@@ -45,8 +52,9 @@ struct LoaderState {
 // epoch), so restore() reproduces it.
 //
 // Every shard's header is validated when the loader is built (magic, version, count against
-// the file size, at least B*T + 1 tokens); its tokens are read into memory when the loader
-// reaches it and every token is checked < vocab_size. Errors name the file.
+// the file size, at least B*T + 1 tokens; uint16 and uint32 shards may be mixed); its tokens are
+// read into memory when the loader reaches it and every token is checked < vocab_size. Errors name
+// the file.
 class DataLoader {
  public:
   DataLoader(const std::string& pattern, int B, int T, int vocab_size, bool shuffle, uint64_t seed);
@@ -85,7 +93,7 @@ class DataLoader {
   int64_t loaded_ = -1;               // file index whose tokens_ are loaded
   int64_t loaded_epoch_ = -1;         // the epoch batch_order_ was built for
   std::vector<int64_t> batch_order_;  // position -> batch index in the loaded shard
-  std::vector<uint16_t> tokens_;      // the loaded shard
+  std::vector<uint32_t> tokens_;      // the loaded shard, widened (4 bytes a token)
 };
 
 }  // namespace remat
