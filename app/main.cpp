@@ -17,6 +17,7 @@ const char* kUsage =
     "  train     train a model (default: a small model on Debian's fortunes corpus)\n"
     "  prepare   turn text files into token shards and a tokenizer\n"
     "  sample    generate text from a checkpoint\n"
+    "  tokenize  print the token ids of a text (a tokenizer.json or tokenizer.bin)\n"
     "  plan      print the memory plan of a run without running it\n";
 }
 
@@ -37,6 +38,7 @@ int main(int argc, char** argv) {
     if (cmd == "prepare") return remat::cmd_prepare(n, rest);
     if (cmd == "sample") return remat::cmd_sample(n, rest);
     if (cmd == "plan") return remat::cmd_plan(n, rest);
+    if (cmd == "tokenize") return remat::cmd_tokenize(n, rest);
     std::fprintf(stderr, "remat: unknown command '%s'\n\n%s", cmd.c_str(), kUsage);
     return 2;
   } catch (const std::exception& e) {

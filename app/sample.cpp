@@ -1,10 +1,12 @@
 // `remat sample`: text from a checkpoint.
+#include <algorithm>
 #include <cstdio>
 #include <memory>
 
 #include "app/cli.h"
 #include "app/commands.h"
 #include "base/error.h"
+#include "io/hf_tokenizer.h"
 #include "io/llmc_model.h"
 #include "io/tokenizer.h"
 #include "models/trainer.h"
@@ -14,7 +16,9 @@ namespace remat {
 int cmd_sample(int argc, const char* const* argv) {
   Options o("sample", "Generate text from a model checkpoint.");
   o.add("model", "out/model.bin", "llm.c checkpoint file (remat writes out/model.bin)")
-      .add("tokenizer", "", "tokenizer file (default: data/fortunes/tokenizer.bin if present)")
+      .add("tokenizer", "",
+           "remat's tokenizer.bin or a Hugging Face tokenizer.json (default: "
+           "data/fortunes/tokenizer.bin if present)")
       .add("prompt", "", "text to continue (default: start of a document)")
       .add("tokens", "64", "tokens to generate")
       .add("temperature", "1.0", "sampling temperature; 0 = greedy")
@@ -36,13 +40,21 @@ int cmd_sample(int argc, const char* const* argv) {
   if (tp.empty() && file_exists(std::string(kDefaultDataDir) + "/tokenizer.bin"))
     tp = std::string(kDefaultDataDir) + "/tokenizer.bin";
   std::unique_ptr<Tokenizer> tok;
-  if (!tp.empty()) tok = std::make_unique<Tokenizer>(Tokenizer::load(tp));
+  std::unique_ptr<HfTokenizer> hf;  // a tokenizer.json
+  if (tp.size() >= 5 && tp.compare(tp.size() - 5, 5, ".json") == 0)
+    hf = std::make_unique<HfTokenizer>(HfTokenizer::load(tp));
+  else if (!tp.empty())
+    tok = std::make_unique<Tokenizer>(Tokenizer::load(tp));
   std::vector<int> prompt;
   const std::string text = o.get("prompt");
   if (!text.empty()) {
-    REMAT_REQUIRE(tok && tok->can_encode(), "--prompt needs a tokenizer with merges (--tokenizer)");
-    prompt = tok->encode(text);
+    REMAT_REQUIRE(hf || (tok && tok->can_encode()),
+                  "--prompt needs a tokenizer with merges (--tokenizer)");
+    prompt = hf ? hf->encode(text) : tok->encode(text);
   }
+  // With no prompt, a document's start: BOS, else end-of-text (which ends the one before).
+  if (prompt.empty() && hf)
+    prompt.push_back(hf->bos_token() >= 0 ? hf->bos_token() : std::max(hf->eot_token(), 0));
   if (prompt.empty()) prompt.push_back(tok && tok->eot_token() >= 0 ? tok->eot_token() : 0);
   for (int t : prompt)
     REMAT_REQUIRE(t >= 0 && t < mf.config.vocab_size,
@@ -50,7 +62,10 @@ int cmd_sample(int argc, const char* const* argv) {
   std::vector<int> gen = sample_tokens(mf.config, mf.params.data(), prompt, n_tokens,
                                        static_cast<float>(temperature), seed, 0);
   std::string outtext = text;
-  for (int t : gen) outtext += tok ? tok->decode(t) : std::to_string(t) + " ";
+  if (hf)  // all at once, so a character split between tokens comes out whole
+    outtext += hf->decode(gen);
+  else
+    for (int t : gen) outtext += tok ? tok->decode(t) : std::to_string(t) + " ";
   std::printf("%s\n", outtext.c_str());
   return 0;
 }

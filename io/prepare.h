@@ -12,8 +12,10 @@ inline constexpr const char* kDefaultCorpusDir = "/usr/share/games/fortunes";
 struct PrepareResult {
   std::string train_pattern;   // glob of the training shards, e.g. out/train_*.bin
   std::string val_pattern;     // glob of the validation shards, e.g. out/val_*.bin
-  std::string tokenizer_path;  // out/tokenizer.bin
+  std::string tokenizer_path;  // out/tokenizer.bin, or out/tokenizer.json (prepare_corpus_hf)
   int vocab_size = 0;          // the tokenizer's vocabulary, eot included
+  bool uint32_tokens = false;  // the shards hold uint32 tokens (llm.c's version 7)
+  bool nfc_assumed = false;    // the tokenizer.json names NFC, which is not applied
   int64_t train_tokens = 0;
   int64_t val_tokens = 0;
   int64_t documents = 0;  // documents read (train + val)
@@ -39,5 +41,17 @@ struct PrepareResult {
 // Error naming the inputs if they hold no text, or a missing input path.
 PrepareResult prepare_corpus(const std::vector<std::string>& inputs, const std::string& out_dir,
                              int vocab_size, double val_fraction, int max_shard_tokens = 1 << 24);
+
+// The same with a Hugging Face tokenizer.json (io/hf_tokenizer.h) instead of a trained one: the
+// documents are read, split and sharded as above, but each is encoded with the file's tokenizer
+// (bytes that are not UTF-8 first replaced by U+FFFD) and marked as the tokenizer's model
+// expects: its BOS token before each document when it has one (Llama-3's <|begin_of_text|>,
+// as llm.c's data scripts do), else its end-of-text token after each (GPT-2's, Qwen2's
+// <|endoftext|>). The shards hold uint16 tokens (version 1) when every id of the vocabulary
+// fits 16 bits, else uint32 tokens (version 7). The file is copied to out_dir/tokenizer.json and
+// an older out_dir/tokenizer.bin removed. Error naming the file if it names neither token.
+PrepareResult prepare_corpus_hf(const std::vector<std::string>& inputs, const std::string& out_dir,
+                                const std::string& tokenizer_json, double val_fraction,
+                                int max_shard_tokens = 1 << 24);
 
 }  // namespace remat
