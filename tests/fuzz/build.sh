@@ -27,7 +27,7 @@ fi
 # The readers of outside bytes and what they use; nothing that trains.
 sources=(io/llmc_model.cpp io/shards.cpp io/tokenizer.cpp io/train_state.cpp
          io/atomic_file.cpp app/cli.cpp io/config.cpp io/params.cpp base/bytes.cpp
-         runtime/plan.cpp io/safetensors.cpp)
+         runtime/plan.cpp io/safetensors.cpp io/hf_tokenizer.cpp)
 targets=()
 for f in "$root"/tests/fuzz/fuzz_*.cpp; do targets+=("$(basename "$f" .cpp)"); done
 
@@ -42,7 +42,7 @@ flags="$flags -fno-sanitize-recover=all -I$root"
   echo "  deps = gcc"
   echo "  description = CXX \$out"
   echo "rule link"
-  echo "  command = \$cxx \$flags \$lflags \$in -o \$out"
+  echo "  command = \$cxx \$flags \$lflags \$in -o \$out -lpcre2-8"
   echo "  description = LINK \$out"
   objs=()
   for s in "${sources[@]}"; do

@@ -2,18 +2,20 @@
 // (and a few near misses), so that fuzzing starts from the formats' real structure.
 //
 // usage: make_seeds DIR   -- creates DIR/{shard,llmc_model,train_state,tokenizer,cli,
-//                           safetensors}/
+//                           safetensors,hf_tokenizer}/
 // Each file stays well under the fuzzers' -max_len (64 KiB).
 #include <sys/stat.h>
 
 #include <cstdio>
 #include <cstring>
 #include <map>
+#include <nlohmann/json.hpp>
 #include <string>
 #include <vector>
 
 #include "io/atomic_file.h"
 #include "io/config.h"
+#include "io/hf_tokenizer.h"
 #include "io/llmc_model.h"
 #include "io/params.h"
 #include "io/safetensors.h"
@@ -127,6 +129,131 @@ void tokenizers() {
   }
 }
 
+// GPT-2's byte-to-unicode map: byte b's character in a byte-level vocab.
+std::string byte_char(int b) {
+  int next = 256, cp = b;
+  for (int x = 0; x <= b; x++) {
+    const bool printable = (x >= '!' && x <= '~') || (x >= 0xA1 && x <= 0xAC) || x >= 0xAE;
+    cp = printable ? x : next++;
+  }
+  std::string s;
+  if (cp < 0x80) {
+    s += static_cast<char>(cp);
+  } else {
+    s += static_cast<char>(0xC0 | (cp >> 6));
+    s += static_cast<char>(0x80 | (cp & 0x3F));
+  }
+  return s;
+}
+
+// Seeds of fuzz_hf_tokenizer: a tokenizer.json, a NUL, a text. Each file parses (checked).
+void hf_tokenizers() {
+  using json = nlohmann::json;
+  const std::string sp = byte_char(' ');
+  json vocab = json::object();
+  for (int b = 0; b < 256; b++) vocab[byte_char(b)] = b;
+  const std::vector<std::pair<std::string, std::string>> merges = {
+      {"h", "e"}, {sp, "t"},       {sp + "t", "he"}, {"i", "n"}, {sp, "a"},   {"e", "r"},
+      {"o", "n"}, {sp + "a", "n"}, {"in", "g"},      {"1", "2"}, {"12", "3"}, {sp, sp}};
+  json pairs = json::array(), strings = json::array();
+  for (const auto& [a, b] : merges) {
+    vocab[a + b] = static_cast<int>(vocab.size());
+    pairs.push_back({a, b});
+    strings.push_back(a + " " + b);
+  }
+  const int n = static_cast<int>(vocab.size());
+  auto added = [](int id, const std::string& content, bool special) {
+    return json{{"id", id},          {"content", content}, {"single_word", false},
+                {"lstrip", false},   {"rstrip", false},    {"normalized", !special},
+                {"special", special}};
+  };
+  const std::string llama =
+      "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}{1,3}| "
+      "?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+";
+  const std::string text =
+      "The theater in Athens, it's 12345 and 123!\n\tTabs  then<|endoftext|> caf\xc3\xa9 "
+      "\xe6\x9d\xb1\xe4\xba\xac \xf0\x9f\x98\x80 WE'LL\r\n";
+  std::vector<std::pair<std::string, json>> files;
+
+  json gpt2 = {
+      {"version", "1.0"},
+      {"added_tokens", {added(n, "<|endoftext|>", true)}},
+      {"normalizer", nullptr},
+      {"pre_tokenizer", {{"type", "ByteLevel"}, {"add_prefix_space", false}, {"use_regex", true}}},
+      {"post_processor", nullptr},
+      {"decoder", {{"type", "ByteLevel"}}},
+      {"model", {{"type", "BPE"}, {"vocab", vocab}, {"merges", pairs}}}};
+  files.emplace_back("gpt2", gpt2);
+
+  json l = gpt2;
+  l["added_tokens"] = {added(n, "<|begin_of_text|>", true), added(n + 1, "<|end_of_text|>", true)};
+  l["pre_tokenizer"] = {
+      {"type", "Sequence"},
+      {"pretokenizers",
+       {{{"type", "Split"},
+         {"pattern", {{"Regex", llama}}},
+         {"behavior", "Isolated"},
+         {"invert", false}},
+        {{"type", "ByteLevel"}, {"add_prefix_space", false}, {"use_regex", false}}}}};
+  l["post_processor"] = {
+      {"type", "TemplateProcessing"},
+      {"single",
+       {{{"SpecialToken", {{"id", "<|begin_of_text|>"}, {"type_id", 0}}}},
+        {{"Sequence", {{"id", "A"}, {"type_id", 0}}}}}},
+      {"special_tokens",
+       {{"<|begin_of_text|>",
+         {{"id", "<|begin_of_text|>"}, {"ids", {n}}, {"tokens", {"<|begin_of_text|>"}}}}}}};
+  l["model"]["ignore_merges"] = true;
+  l["model"]["merges"] = strings;
+  files.emplace_back("llama3", l);
+
+  json c = gpt2;
+  c["normalizer"] = {{"type", "NFC"}};
+  json lstrip = added(n, "[MASK]", true), word = added(n + 1, "<sw>", false);
+  lstrip["lstrip"] = lstrip["rstrip"] = true;
+  word["single_word"] = true;
+  c["added_tokens"] = {lstrip, word, added(n + 2, "<|endoftext|>", true)};
+  c["pre_tokenizer"] = {
+      {"type", "Sequence"},
+      {"pretokenizers",
+       {{{"type", "Split"},
+         {"pattern", {{"String", "\n"}}},
+         {"behavior", "MergedWithPrevious"},
+         {"invert", false}},
+        {{"type", "Split"},
+         {"pattern", {{"Regex", "[,;.!]"}}},
+         {"behavior", "Contiguous"},
+         {"invert", false}},
+        {{"type", "Split"},
+         {"pattern", {{"Regex", "\\s+"}}},
+         {"behavior", "MergedWithNext"},
+         {"invert", true}},
+        {{"type", "Split"},
+         {"pattern", {{"Regex", "x*"}}},
+         {"behavior", "Removed"},
+         {"invert", false}},
+        {{"type", "ByteLevel"}, {"add_prefix_space", true}, {"use_regex", true}}}}};
+  c["model"]["vocab"]["<unk>"] = n + 3;
+  c["model"]["vocab"].erase(byte_char('q'));
+  c["model"]["unk_token"] = "<unk>";
+  c["model"]["fuse_unk"] = true;
+  c["added_tokens"].push_back(added(n + 3, "<unk>", true));
+  files.emplace_back("crafted", c);
+
+  json bad = gpt2;
+  bad["model"]["merges"].push_back({"zz", "y"});
+  files.emplace_back("bad_merge", bad);
+
+  for (const auto& [name, j] : files) {
+    const std::string s = j.dump();
+    if (name != "bad_merge") remat::HfTokenizer::parse(s, name);  // seeds that parse
+    std::vector<uint8_t> b(s.begin(), s.end());
+    b.push_back(0);
+    b.insert(b.end(), text.begin(), text.end());
+    put("hf_tokenizer", name, b);
+  }
+}
+
 void command_lines() {
   const std::vector<std::vector<std::string>> lines = {
       {"--model", "tiny", "--vocab", "300", "--batch", "2", "--seq", "16", "--steps", "3"},
@@ -210,6 +337,7 @@ int main(int argc, char** argv) {
     models();
     states();
     tokenizers();
+    hf_tokenizers();
     command_lines();
     safetensors();
   } catch (const std::exception& e) {
