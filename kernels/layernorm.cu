@@ -1,6 +1,25 @@
 // LayerNorm (plain and fused with the residual add) forward, and backward with a
-// deterministic dw/db reduction. One warp per row; the row is staged in shared memory as
-// fp32, each lane touching only the channels it loaded (no intra-warp barrier needed).
+// deterministic dw/db reduction.
+//
+// No shared-memory row staging: every global access is one 16-byte vector (C % 8 == 0) and a
+// row lives in registers. A row belongs to a group of R warps (see row_shape): thread t of the
+// group owns the row's 16-byte packs t, t + 32 R, ... (K of them at most, K a template
+// parameter), so R = 1 for the usual widths (C <= 768 bf16 takes 3 packs a lane) and R grows
+// with C. Group sums are a warp_sum, then, for R > 1, one float per warp through shared memory
+// between two named barriers of the group (groups of one block never wait for each other).
+//   forward   one row per group; pass 1 loads the row (writing the residual first when
+//             fused) and sums it, pass 2 sums the squared deviations from the mean (two-pass
+//             variance, as the CPU reference), pass 3 writes out. Plain and fused run the same
+//             instructions on the same values, hence bitwise equal outputs. For R = 1 the
+//             arithmetic is that of the former shared-memory version, in the same order.
+//   backward  a fixed grid of G <= 256 blocks; group g of block b takes rows b groups + g,
+//             then + G groups, ... in order, keeping its dw/db partials in registers; the two
+//             row sums share one group reduction. At the end the block adds its groups'
+//             partials in group order (through 2C floats of shared memory, float4 accesses)
+//             into partials[b]; then one thread per entry sums the G partial rows in block
+//             order. Same N, C: same grid, same bits.
+#include <type_traits>
+
 #include "kernels/cuda_common.cuh"
 #include "kernels/layernorm.h"
 
@@ -8,9 +27,100 @@ namespace remat::cuda {
 namespace {
 
 constexpr float kEps = 1e-5f;
-constexpr int kMaxC = 16384;        // smem row staging limit (see launch checks)
-constexpr int kBwdMaxBlocks = 256;  // fixed grid of the backward: partials per block
-constexpr size_t kDefaultSmem = 48 * 1024;
+constexpr int kMaxC = 16384;
+constexpr int kBlockThreads = 256;  // threads of a block when rows need fewer warps
+constexpr int kMaxWarps = 16;       // warps per block at most (R <= 16 for C <= 16384)
+constexpr int kBwdMaxBlocks = 256;  // fixed grid of the backward: partial rows of dw/db
+// Packs a forward thread holds (the row, as stored: 8 packs = 32 registers); floats of dw/db
+// partials a backward thread accumulates per kind (32: 64 registers for dw and db).
+constexpr int kFwdMaxPacks = 8;
+constexpr int kBwdMaxElems = 32;
+
+// How a row of C channels maps onto threads. Depends on C and the element type only.
+struct RowShape {
+  int warps;   // R: warps per row (one row group)
+  int groups;  // row groups per block
+  int packs;   // K: packs per thread at most, one of the instantiated counts
+  int threads() const { return 32 * warps * groups; }
+};
+
+// The instantiated K: the smallest of these >= what the row needs.
+int round_packs(int k) {
+  for (int c : {1, 2, 3, 4, 6, 8})
+    if (k <= c) return c;
+  return -1;  // unreachable for C <= kMaxC (checked)
+}
+
+RowShape row_shape(int row_packs, int max_packs) {
+  RowShape s;
+  s.warps = ceil_div(row_packs, 32 * max_packs);
+  s.packs = round_packs(ceil_div(row_packs, 32 * s.warps));
+  s.groups = std::max(1, kBlockThreads / (32 * s.warps));
+  return s;
+}
+
+template <typename T>
+RowShape fwd_shape(int C) {
+  return row_shape(C / Pack16<T>::kN, kFwdMaxPacks);
+}
+template <typename T>
+RowShape bwd_shape(int C) {
+  return row_shape(C / Pack16<T>::kN, kBwdMaxElems / Pack16<T>::kN);
+}
+
+// This thread's place in its row group.
+struct RowGroup {
+  int t;           // index within the group
+  int size;        // threads in the group (32 R)
+  int warps;       // R
+  int index;       // the group's index in the block
+  int first_warp;  // the group's first warp in the block
+};
+
+__device__ __forceinline__ RowGroup row_group(int warps) {
+  RowGroup g;
+  g.warps = warps;
+  g.size = 32 * warps;
+  g.index = threadIdx.x / g.size;
+  g.t = threadIdx.x % g.size;
+  g.first_warp = g.index * warps;
+  return g;
+}
+
+// Barrier of the group's threads only (named barrier 1 + group index; 0 is __syncthreads').
+__device__ __forceinline__ void group_barrier(const RowGroup& g) {
+  asm volatile("bar.sync %0, %1;" ::"r"(1 + g.index), "r"(g.size) : "memory");
+}
+
+// Sum over the group in a fixed order; every thread of the group gets it. `red` holds one
+// float per warp of the block.
+__device__ __forceinline__ float group_sum(float x, float* red, const RowGroup& g) {
+  x = warp_sum(x);
+  if (g.warps == 1) return x;
+  group_barrier(g);  // red may still be read by the group's previous sum
+  if (threadIdx.x % 32 == 0) red[threadIdx.x / 32] = x;
+  group_barrier(g);
+  float s = 0.f;
+  for (int w = 0; w < g.warps; ++w) s += red[g.first_warp + w];
+  return s;
+}
+
+// Two sums at once (one pair of barriers).
+__device__ __forceinline__ float2 group_sum2(float2 x, float2* red, const RowGroup& g) {
+  x.x = warp_sum(x.x);
+  x.y = warp_sum(x.y);
+  if (g.warps == 1) return x;
+  group_barrier(g);
+  if (threadIdx.x % 32 == 0) red[threadIdx.x / 32] = x;
+  group_barrier(g);
+  float2 s = make_float2(0.f, 0.f);
+  for (int w = 0; w < g.warps; ++w) {
+    const float2 v = red[g.first_warp + w];
+    s.x += v.x;
+    s.y += v.y;
+  }
+  return s;
+}
 
 template <typename T>
 struct LnFwdParams {
@@ -24,53 +134,68 @@ struct LnFwdParams {
   const T* b;    // (C) bias
   int N;         // rows
   int C;         // channels, % 8 == 0
+  int warps;     // R: warps per row (fwd_shape)
 };
 
-// Grid: ceil(N / warps) blocks of `warps` warps; smem warps * C floats.
-template <typename T>
-__global__ void ln_forward_kernel(const __grid_constant__ LnFwdParams<T> p) {
+// Grid: ceil(N / groups) blocks of fwd_shape(C).threads(); one row per group; K packs per
+// thread at most. No dynamic shared memory. A thread writes only packs it has read (in-place
+// out == inp, residual == inp are safe).
+template <typename T, int K>
+__global__ void __launch_bounds__(32 * kMaxWarps)
+    ln_forward_kernel(const __grid_constant__ LnFwdParams<T> p) {
   using P = Pack16<T>;
-  extern __shared__ float smem[];
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  const int row = blockIdx.x * (blockDim.x / 32) + warp;
-  if (row >= p.N) return;
-  float* xs = smem + static_cast<size_t>(warp) * p.C;  // (C) this row in fp32
+  __shared__ float red[kMaxWarps];
+  const RowGroup g = row_group(p.warps);
+  const int row = blockIdx.x * (blockDim.x / g.size) + g.index;
+  if (row >= p.N) return;  // the whole group leaves: its barriers are its own
+  const int packs = p.C / P::kN;
   const size_t off = static_cast<size_t>(row) * p.C;
 
+  P x[K];  // this thread's packs of the row (the residual as stored when fused)
   float sum = 0.f;
-  for (int c = lane * P::kN; c < p.C; c += 32 * P::kN) {
-    P x = P::load(p.inp + off + c);
-    if (p.y != nullptr) {
-      const P y = P::load(p.y + off + c);
 #pragma unroll
-      for (int j = 0; j < P::kN; ++j) x.v[j] = from_f32<T>(to_f32(x.v[j]) + to_f32(y.v[j]));
-      x.store(p.residual + off + c);
-    }
+  for (int k = 0; k < K; ++k) {
+    const int pk = g.t + k * g.size;
+    if (pk < packs) {
+      const int c = pk * P::kN;
+      x[k] = P::load(p.inp + off + c);
+      if (p.y != nullptr) {
+        const P y = P::load(p.y + off + c);
 #pragma unroll
-    for (int j = 0; j < P::kN; ++j) {
-      xs[c + j] = to_f32(x.v[j]);
-      sum += xs[c + j];
+        for (int j = 0; j < P::kN; ++j) x[k].v[j] = from_f32<T>(to_f32(x[k].v[j]) + to_f32(y.v[j]));
+        x[k].store(p.residual + off + c);
+      }
+#pragma unroll
+      for (int j = 0; j < P::kN; ++j) sum += to_f32(x[k].v[j]);
     }
   }
-  const float mean = warp_sum(sum) / p.C;
+  const float mean = group_sum(sum, red, g) / p.C;
   float sq = 0.f;
-  for (int c = lane * P::kN; c < p.C; c += 32 * P::kN) {
 #pragma unroll
-    for (int j = 0; j < P::kN; ++j) {
-      const float d = xs[c + j] - mean;
-      sq += d * d;
+  for (int k = 0; k < K; ++k) {
+    if (g.t + k * g.size < packs) {
+#pragma unroll
+      for (int j = 0; j < P::kN; ++j) {
+        const float d = to_f32(x[k].v[j]) - mean;
+        sq += d * d;
+      }
     }
   }
-  const float rstd = 1.f / sqrtf(warp_sum(sq) / p.C + kEps);
-  for (int c = lane * P::kN; c < p.C; c += 32 * P::kN) {
-    const P w = P::load(p.w + c), b = P::load(p.b + c);
-    P o;
+  const float rstd = 1.f / sqrtf(group_sum(sq, red, g) / p.C + kEps);
 #pragma unroll
-    for (int j = 0; j < P::kN; ++j)
-      o.v[j] = from_f32<T>((xs[c + j] - mean) * rstd * to_f32(w.v[j]) + to_f32(b.v[j]));
-    o.store(p.out + off + c);
+  for (int k = 0; k < K; ++k) {
+    const int pk = g.t + k * g.size;
+    if (pk < packs) {
+      const int c = pk * P::kN;
+      const P w = P::load(p.w + c), b = P::load(p.b + c);
+      P o;
+#pragma unroll
+      for (int j = 0; j < P::kN; ++j)
+        o.v[j] = from_f32<T>((to_f32(x[k].v[j]) - mean) * rstd * to_f32(w.v[j]) + to_f32(b.v[j]));
+      o.store(p.out + off + c);
+    }
   }
-  if (lane == 0) {
+  if (g.t == 0) {
     if (p.mean) p.mean[row] = mean;
     if (p.rstd) p.rstd[row] = rstd;
   }
@@ -87,56 +212,140 @@ struct LnBwdParams {
   const float* rstd;  // (N) forward row 1/std
   int N;              // rows
   int C;              // channels, % 8 == 0
+  int warps;          // R: warps per row (bwd_shape)
+  bool vec_partials;  // partials is 16-byte aligned (float4 stores)
 };
 
-// Grid: fixed G blocks of W warps; warp (b, w) handles rows b*W + w + k*G*W in order and
-// accumulates its dw/db in its own smem slice (2 C floats); at the end the block sums its
-// warps in warp order into partials[b]. Same N, C => same grid => same bits.
-template <typename T>
-__global__ void ln_backward_kernel(const __grid_constant__ LnBwdParams<T> p) {
+// Stores 4 floats at dst (a multiple of 4 floats from a 16-byte aligned base when vec).
+__device__ __forceinline__ void store4(float* dst, float4 v, bool vec) {
+  if (vec) {
+    *reinterpret_cast<float4*>(dst) = v;
+  } else {
+    dst[0] = v.x;
+    dst[1] = v.y;
+    dst[2] = v.z;
+    dst[3] = v.w;
+  }
+}
+
+// Grid: G blocks (bwd_blocks) of bwd_shape(C).threads(); dynamic shared memory 2C floats when
+// a block has more than one group, else none. With norm = (x - mean) rstd and
+// dnorm = dout w:
+//   dinp += rstd (dnorm - mean(dnorm) - norm mean(dnorm norm)),
+//   dw partial += dout norm, db partial += dout.
+template <typename T, int K>
+__global__ void __launch_bounds__(32 * kMaxWarps)
+    ln_backward_kernel(const __grid_constant__ LnBwdParams<T> p) {
   using P = Pack16<T>;
-  extern __shared__ float smem[];
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, nwarps = blockDim.x / 32;
-  float* acc = smem + static_cast<size_t>(warp) * 2 * p.C;  // (2, C): dw, db of this warp
-  for (int c = lane; c < 2 * p.C; c += 32) acc[c] = 0.f;
-  __syncwarp();
-  for (int row = blockIdx.x * nwarps + warp; row < p.N; row += gridDim.x * nwarps) {
+  // x and dout of the row stay in registers between the passes while dw/db (2 K kN floats)
+  // and the kept packs (8 K registers) leave room in the 128 registers; else pass 2 reloads
+  // them (L1 hits: the thread read them a moment ago).
+  constexpr bool kKeepRow = K * (2 * P::kN + 8) <= 72;
+  // The groups' partials, in turn: (2, kN / 4, packs) float4, i.e. dw then db, each pack's
+  // q-th float4 at [q][pack] so that a warp's accesses fall on distinct banks.
+  extern __shared__ float4 combine[];
+  __shared__ float2 red[kMaxWarps];
+  const RowGroup g = row_group(p.warps);
+  const int groups = blockDim.x / g.size;
+  const int packs = p.C / P::kN;
+
+  float dw[K][P::kN], db[K][P::kN];  // this thread's packs, rows in order
+#pragma unroll
+  for (int k = 0; k < K; ++k)
+#pragma unroll
+    for (int j = 0; j < P::kN; ++j) dw[k][j] = db[k][j] = 0.f;
+
+  for (int row = blockIdx.x * groups + g.index; row < p.N; row += gridDim.x * groups) {
     const size_t off = static_cast<size_t>(row) * p.C;
     const float m = p.mean[row], s = p.rstd[row];
+    P xs[kKeepRow ? K : 1], dys[kKeepRow ? K : 1];
     float sum_dnorm = 0.f, sum_dnorm_norm = 0.f;
-    for (int c = lane * P::kN; c < p.C; c += 32 * P::kN) {
-      const P x = P::load(p.inp + off + c), dy = P::load(p.dout + off + c), w = P::load(p.w + c);
 #pragma unroll
-      for (int j = 0; j < P::kN; ++j) {
-        const float norm = (to_f32(x.v[j]) - m) * s;
-        const float g = to_f32(dy.v[j]);
-        const float dnorm = g * to_f32(w.v[j]);
-        sum_dnorm += dnorm;
-        sum_dnorm_norm += dnorm * norm;
-        acc[c + j] += g * norm;
-        acc[p.C + c + j] += g;
+    for (int k = 0; k < K; ++k) {
+      const int pk = g.t + k * g.size;
+      if (pk < packs) {
+        const int c = pk * P::kN;
+        const P x = P::load(p.inp + off + c), dy = P::load(p.dout + off + c);
+        const P w = P::load(p.w + c);
+        if constexpr (kKeepRow) {
+          xs[k] = x;
+          dys[k] = dy;
+        }
+#pragma unroll
+        for (int j = 0; j < P::kN; ++j) {
+          const float norm = (to_f32(x.v[j]) - m) * s;
+          const float gj = to_f32(dy.v[j]);
+          const float dnorm = gj * to_f32(w.v[j]);
+          sum_dnorm += dnorm;
+          sum_dnorm_norm += dnorm * norm;
+          dw[k][j] += gj * norm;
+          db[k][j] += gj;
+        }
       }
     }
-    const float mean_dnorm = warp_sum(sum_dnorm) / p.C;
-    const float mean_dnorm_norm = warp_sum(sum_dnorm_norm) / p.C;
-    for (int c = lane * P::kN; c < p.C; c += 32 * P::kN) {
-      const P x = P::load(p.inp + off + c), dy = P::load(p.dout + off + c), w = P::load(p.w + c);
-      P dx = P::load(p.dinp + off + c);
+    const float2 sums = group_sum2(make_float2(sum_dnorm, sum_dnorm_norm), red, g);
+    const float mean_dnorm = sums.x / p.C, mean_dnorm_norm = sums.y / p.C;
 #pragma unroll
-      for (int j = 0; j < P::kN; ++j) {
-        const float norm = (to_f32(x.v[j]) - m) * s;
-        const float dnorm = to_f32(dy.v[j]) * to_f32(w.v[j]);
-        dx.v[j] = from_f32<T>(to_f32(dx.v[j]) + s * (dnorm - mean_dnorm - norm * mean_dnorm_norm));
+    for (int k = 0; k < K; ++k) {
+      const int pk = g.t + k * g.size;
+      if (pk < packs) {
+        const int c = pk * P::kN;
+        P x, dy;
+        if constexpr (kKeepRow) {
+          x = xs[k];
+          dy = dys[k];
+        } else {
+          x = P::load(p.inp + off + c);
+          dy = P::load(p.dout + off + c);
+        }
+        const P w = P::load(p.w + c);
+        P dx = P::load(p.dinp + off + c);
+#pragma unroll
+        for (int j = 0; j < P::kN; ++j) {
+          const float norm = (to_f32(x.v[j]) - m) * s;
+          const float dnorm = to_f32(dy.v[j]) * to_f32(w.v[j]);
+          dx.v[j] =
+              from_f32<T>(to_f32(dx.v[j]) + s * (dnorm - mean_dnorm - norm * mean_dnorm_norm));
+        }
+        dx.store(p.dinp + off + c);
       }
-      dx.store(p.dinp + off + c);
     }
   }
-  __syncthreads();
+
+  // The block's partial row = its groups' partials added in group order; the last group
+  // writes it out. Every thread of the block gets here (no early exit above).
   float* out = p.partials + static_cast<size_t>(blockIdx.x) * 2 * p.C;
-  for (int c = threadIdx.x; c < 2 * p.C; c += blockDim.x) {
-    float t = 0.f;
-    for (int w = 0; w < nwarps; ++w) t += smem[static_cast<size_t>(w) * 2 * p.C + c];
-    out[c] = t;
+  const int quads = p.C / 4;  // float4s per kind
+  for (int turn = 0; turn < groups; ++turn) {
+    if (groups > 1) __syncthreads();  // the previous turn's combine[] writes are visible
+    if (g.index != turn) continue;
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+      const int pk = g.t + k * g.size;
+      if (pk < packs) {
+#pragma unroll
+        for (int q = 0; q < P::kN / 4; ++q) {
+          const int i = pk * (P::kN / 4) + q;  // float4 index of the channels in a kind
+          const int si = q * packs + pk;       // its place in combine[] (no bank conflicts)
+          float4 vw =
+              make_float4(dw[k][4 * q], dw[k][4 * q + 1], dw[k][4 * q + 2], dw[k][4 * q + 3]);
+          float4 vb =
+              make_float4(db[k][4 * q], db[k][4 * q + 1], db[k][4 * q + 2], db[k][4 * q + 3]);
+          if (turn > 0) {
+            const float4 aw = combine[si], ab = combine[quads + si];
+            vw = make_float4(aw.x + vw.x, aw.y + vw.y, aw.z + vw.z, aw.w + vw.w);
+            vb = make_float4(ab.x + vb.x, ab.y + vb.y, ab.z + vb.z, ab.w + vb.w);
+          }
+          if (turn == groups - 1) {
+            store4(out + 4 * i, vw, p.vec_partials);
+            store4(out + p.C + 4 * i, vb, p.vec_partials);
+          } else {
+            combine[si] = vw;
+            combine[quads + si] = vb;
+          }
+        }
+      }
+    }
   }
 }
 
@@ -160,22 +369,32 @@ __global__ void ln_reduce_kernel(const __grid_constant__ LnReduceParams<T> p) {
   *dst = from_f32<T>(to_f32(*dst) + t);
 }
 
-// Warps per block whose fp32 smem (floats_per_warp each) fits the default 48 KB, in [1, 8].
-int warps_for(int floats_per_warp) {
-  const int w = static_cast<int>(kDefaultSmem / (sizeof(float) * floats_per_warp));
-  return std::max(1, std::min(8, w));
-}
-
+template <typename T>
 int bwd_blocks(int N, int C) {
-  return std::max(1, std::min(kBwdMaxBlocks, ceil_div(N, warps_for(2 * C))));
+  return std::max(1, std::min(kBwdMaxBlocks, ceil_div(N, bwd_shape<T>(C).groups)));
 }
 
-// Raises the kernel's dynamic smem limit when `bytes` exceeds the default.
-template <typename Kernel>
-void allow_smem(Kernel kernel, size_t bytes) {
-  if (bytes > kDefaultSmem)
-    REMAT_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                          static_cast<int>(bytes)));
+// Calls fn(std::integral_constant<int, K>) for K == k; instantiates only K <= kMax.
+template <int kMax, typename Fn>
+void with_packs(int k, Fn&& fn) {
+  REMAT_CHECK(k <= kMax, "layernorm: no kernel for " + std::to_string(k) + " packs per thread");
+  auto call = [&](auto kk) {
+    if constexpr (decltype(kk)::value <= kMax) fn(kk);
+  };
+  switch (k) {
+    case 1:
+      return call(std::integral_constant<int, 1>{});
+    case 2:
+      return call(std::integral_constant<int, 2>{});
+    case 3:
+      return call(std::integral_constant<int, 3>{});
+    case 4:
+      return call(std::integral_constant<int, 4>{});
+    case 6:
+      return call(std::integral_constant<int, 6>{});
+    default:
+      return call(std::integral_constant<int, 8>{});
+  }
 }
 
 void check_shape(const char* who, int N, int C) {
@@ -195,11 +414,12 @@ void forward_impl(const char* who, T* residual, T* out, float* mean, float* rstd
                   (y == nullptr || (aligned16(y) && aligned16(residual))),
               std::string(who) + ": pointers must be 16-byte aligned");
   NvtxRange range(who);
-  LnFwdParams<T> p{out, mean, rstd, residual, inp, y, w, b, N, C};
-  const int warps = warps_for(C);
-  const size_t smem = static_cast<size_t>(warps) * C * sizeof(float);
-  allow_smem(ln_forward_kernel<T>, smem);
-  ln_forward_kernel<T><<<ceil_div(N, warps), warps * 32, smem, stream>>>(p);
+  const RowShape shape = fwd_shape<T>(C);
+  const LnFwdParams<T> p{out, mean, rstd, residual, inp, y, w, b, N, C, shape.warps};
+  with_packs<kFwdMaxPacks>(shape.packs, [&](auto k) {
+    ln_forward_kernel<T, decltype(k)::value>
+        <<<ceil_div(N, shape.groups), shape.threads(), 0, stream>>>(p);
+  });
   REMAT_CUDA_LAUNCH_CHECK(stream);
 }
 
@@ -221,8 +441,11 @@ void residual_layernorm_forward(Elem* residual, Elem* out, float* mean, float* r
                      stream);
 }
 
+// The larger of the two element types' needs, so the answer does not depend on Elem.
 size_t layernorm_backward_workspace_floats(int N, int C) {
-  return static_cast<size_t>(bwd_blocks(N, C)) * 2 * C;
+  if (C <= 0 || C % 8 != 0 || C > kMaxC) return 0;  // the launcher refuses such shapes
+  const int blocks = std::max(bwd_blocks<float>(N, C), bwd_blocks<__nv_bfloat16>(N, C));
+  return static_cast<size_t>(blocks) * 2 * C;
 }
 
 template <typename Elem>
@@ -236,13 +459,16 @@ void layernorm_backward(Elem* dinp, Elem* dw, Elem* db, const Elem* dout, const 
   REMAT_CHECK(aligned16(dinp) && aligned16(dout) && aligned16(inp) && aligned16(w),
               "layernorm_backward: pointers must be 16-byte aligned");
   NvtxRange range("layernorm_backward");
-  const int warps = warps_for(2 * C), blocks = bwd_blocks(N, C);
-  const size_t smem = static_cast<size_t>(warps) * 2 * C * sizeof(float);
-  allow_smem(ln_backward_kernel<Elem>, smem);
-  LnBwdParams<Elem> p{dinp, workspace, dout, inp, w, mean, rstd, N, C};
-  ln_backward_kernel<Elem><<<blocks, warps * 32, smem, stream>>>(p);
+  const RowShape shape = bwd_shape<Elem>(C);
+  const int blocks = bwd_blocks<Elem>(N, C);
+  const size_t smem = shape.groups > 1 ? 2 * static_cast<size_t>(C) * sizeof(float) : 0;
+  const LnBwdParams<Elem> p{dinp,        workspace,           dout, inp, w, mean, rstd, N, C,
+                            shape.warps, aligned16(workspace)};
+  with_packs<kBwdMaxElems / Pack16<Elem>::kN>(shape.packs, [&](auto k) {
+    ln_backward_kernel<Elem, decltype(k)::value><<<blocks, shape.threads(), smem, stream>>>(p);
+  });
   REMAT_CUDA_LAUNCH_CHECK(stream);
-  LnReduceParams<Elem> r{dw, db, workspace, blocks, C};
+  const LnReduceParams<Elem> r{dw, db, workspace, blocks, C};
   ln_reduce_kernel<Elem><<<ceil_div(2 * C, 256), 256, 0, stream>>>(r);
   REMAT_CUDA_LAUNCH_CHECK(stream);
 }
