@@ -1,14 +1,19 @@
 // Token + position embedding forward, and a deterministic backward.
 //
-// Backward plan (all on the stream, no float atomics):
-//   1. counts[v] = number of positions with token v   (integer atomics: exact)
-//   2. starts = exclusive scan of counts               (one block)
-//   3. unsorted[starts[v] + k] = positions of token v, in arbitrary order (integer atomics)
-//   4. sorted = each bucket ordered by position: an entry's rank is the number of entries of
-//      its bucket with a smaller position. Cost: sum of squared bucket sizes (natural text:
-//      small; a batch of one repeated token: (B T)^2 / 2 comparisons).
-//   5. one block per bucket leader (and channel slice) sums dout rows in sorted order and
-//      adds to dwte; dwpe sums over b in order.
+// Backward plan (all on the stream, no float atomics), linear in B T whatever the tokens:
+//   1. sort the positions by token, stably (so increasing within a token): an LSD radix sort
+//      of 8-bit digits, ceil(bits(Vp - 1) / 8) passes (2 for GPT-2's 50304). A pass counts
+//      each block's digits (integer atomics in shared memory: exact), scans the (digit,
+//      block) counts in one block, and scatters: a position's slot is its digit's offset for
+//      its block plus its rank among the same digit in the block, in index order (warp
+//      match + counts of the earlier warps).
+//   2. end[v] = one past the last sorted slot of each present token.
+//   3. one thread per (sorted slot, pack of channels); the thread of a token's first slot
+//      adds the token's dout rows, in increasing position, to its pack of dwte, starting
+//      from the stored dwte as the CPU reference does. dwpe: one thread per (t, pack) adds
+//      b = 0, 1, ... to the stored dwpe. In fp32 both give the CPU reference's bits.
+// A batch of one repeated token costs one thread per pack a chain of B T rows (linear; the
+// chain is the price of the fixed summation order).
 #include "kernels/cuda_common.cuh"
 #include "kernels/encoder.h"
 
@@ -47,45 +52,79 @@ __global__ void encoder_forward_kernel(const __grid_constant__ EncFwdParams<T> p
   }
 }
 
+// ---- backward: a stable sort of the positions by token (LSD radix, linear in B T) ----
+
+constexpr int kSortThreads = 256;  // positions per block of the sort, one per thread
+constexpr int kDigitBits = 8;      // bits of the token per pass
+constexpr int kDigits = 1 << kDigitBits;
+
+int sort_blocks(int N) {
+  return ceil_div(N, kSortThreads);
+}
+
+// Passes that cover every token < Vp (at least one).
+int sort_passes(int Vp) {
+  int bits = 0;
+  while (bits < 31 && (Vp - 1) >> bits) ++bits;
+  return std::max(1, ceil_div(bits, kDigitBits));
+}
+
 // The backward's integer scratch, carved from the caller's workspace.
 struct Buckets {
-  int* counts;    // (Vp) positions per token
-  int* starts;    // (Vp + 1) exclusive scan of counts; starts[Vp] = N
-  int* cursor;    // (Vp) fill cursors
-  int* unsorted;  // (N) positions grouped by token, arbitrary order within a bucket
-  int* sorted;    // (N) positions grouped by token, increasing within a bucket
+  int* keys[2];  // (N) each: tokens, ordered by the digits sorted so far (ping-pong)
+  int* pos[2];   // (N) each: the positions that go with keys
+  int* table;    // (kDigits, sort_blocks(N)) digit counts per block, then their exclusive scan
+  int* end;      // (Vp) end[v] = one past the last sorted slot of token v (present tokens only)
 };
 
-Buckets carve(void* workspace, int N, int Vp) {
+Buckets carve(void* workspace, int N) {
   int* w = static_cast<int*>(workspace);
   Buckets b;
-  b.counts = w;
-  b.cursor = w + Vp;
-  b.starts = w + 2 * static_cast<size_t>(Vp);
-  b.unsorted = b.starts + Vp + 1;
-  b.sorted = b.unsorted + N;
+  for (int i = 0; i < 2; ++i) {
+    b.keys[i] = w + (2 * i) * static_cast<size_t>(N);
+    b.pos[i] = w + (2 * i + 1) * static_cast<size_t>(N);
+  }
+  b.table = w + 4 * static_cast<size_t>(N);
+  b.end = b.table + static_cast<size_t>(kDigits) * sort_blocks(N);
   return b;
 }
 
-struct BucketParams {
-  Buckets bk;         // scratch (see Buckets)
-  const int* tokens;  // (N)
-  int N;              // positions
-  int Vp;             // buckets
+struct SortPassParams {
+  const int* keys_in;  // (N) tokens (pass 0: the batch's tokens)
+  const int* pos_in;   // (N) positions, or null: position = index (pass 0)
+  int* keys_out;       // (N) keys ordered stably by this pass's digit
+  int* pos_out;        // (N) positions, moved with their keys
+  int* table;          // (kDigits, blocks): counts, then offsets (exclusive scan, digit-major)
+  int N;               // positions
+  int shift;           // this pass's digit: (key >> shift) & (kDigits - 1)
+  int blocks;          // sort_blocks(N)
 };
 
-__global__ void histogram_kernel(const __grid_constant__ BucketParams p) {
+// Block b counts the digits of positions [b kSortThreads, (b + 1) kSortThreads) (integer
+// atomics on shared memory: exact) into table[digit][b].
+__global__ void digit_count_kernel(const __grid_constant__ SortPassParams p) {
+  __shared__ int count[kDigits];
+  for (int d = threadIdx.x; d < kDigits; d += blockDim.x) count[d] = 0;
+  __syncthreads();
   const int n = blockIdx.x * blockDim.x + threadIdx.x;
-  if (n < p.N) atomicAdd(&p.bk.counts[p.tokens[n]], 1);
+  if (n < p.N) atomicAdd(&count[(p.keys_in[n] >> p.shift) & (kDigits - 1)], 1);
+  __syncthreads();
+  for (int d = threadIdx.x; d < kDigits; d += blockDim.x)
+    p.table[static_cast<size_t>(d) * p.blocks + blockIdx.x] = count[d];
 }
 
-// One block of 1024 threads: thread i scans a contiguous segment of counts.
-__global__ void scan_kernel(const __grid_constant__ BucketParams p) {
+struct ScanParams {
+  int* data;  // (n) replaced by its exclusive prefix sums
+  int n;      // entries
+};
+
+// One block of 1024 threads: thread i scans a contiguous segment of data.
+__global__ void exclusive_scan_kernel(const __grid_constant__ ScanParams p) {
   __shared__ int warp_tot[32];
-  const int per = (p.Vp + blockDim.x - 1) / blockDim.x;
-  const int lo = min(p.Vp, static_cast<int>(threadIdx.x) * per), hi = min(p.Vp, lo + per);
+  const int per = (p.n + blockDim.x - 1) / blockDim.x;
+  const int lo = min(p.n, static_cast<int>(threadIdx.x) * per), hi = min(p.n, lo + per);
   int local = 0;
-  for (int v = lo; v < hi; ++v) local += p.bk.counts[v];
+  for (int i = lo; i < hi; ++i) local += p.data[i];
   // Inclusive warp scan, then scan of the warp totals.
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   int inc = local;
@@ -107,62 +146,89 @@ __global__ void scan_kernel(const __grid_constant__ BucketParams p) {
   }
   __syncthreads();
   int run = inc - local + (warp > 0 ? warp_tot[warp - 1] : 0);  // exclusive prefix
-  for (int v = lo; v < hi; ++v) {
-    p.bk.starts[v] = run;
-    run += p.bk.counts[v];
+  for (int i = lo; i < hi; ++i) {
+    const int v = p.data[i];
+    p.data[i] = run;
+    run += v;
   }
-  if (threadIdx.x == 0) p.bk.starts[p.Vp] = p.N;
 }
 
-__global__ void fill_kernel(const __grid_constant__ BucketParams p) {
+// Block b moves its positions to their slots: table[digit][b] (what smaller digits and
+// earlier blocks take), plus this digit's count in the block's earlier warps, plus the rank
+// among the lanes of its own warp with this digit. Index order within a digit is kept:
+// the pass is stable.
+__global__ void __launch_bounds__(kSortThreads)
+    digit_scatter_kernel(const __grid_constant__ SortPassParams p) {
+  constexpr int kWarps = kSortThreads / 32;
+  __shared__ int warp_count[kWarps][kDigits];  // this block's digit counts per warp
+  for (int i = threadIdx.x; i < kWarps * kDigits; i += blockDim.x) (&warp_count[0][0])[i] = 0;
+  __syncthreads();
   const int n = blockIdx.x * blockDim.x + threadIdx.x;
-  if (n >= p.N) return;
-  const int v = p.tokens[n];
-  p.bk.unsorted[p.bk.starts[v] + atomicAdd(&p.bk.cursor[v], 1)] = n;
+  const bool active = n < p.N;
+  const int key = active ? p.keys_in[n] : 0;
+  const int digit = active ? (key >> p.shift) & (kDigits - 1) : kDigits;  // idle: own group
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const unsigned peers = __match_any_sync(0xffffffffu, digit);
+  const int rank = __popc(peers & ((1u << lane) - 1u));
+  if (active && rank == 0) warp_count[warp][digit] = __popc(peers);
+  __syncthreads();
+  if (!active) return;
+  int slot = p.table[static_cast<size_t>(digit) * p.blocks + blockIdx.x] + rank;
+  for (int w = 0; w < warp; ++w) slot += warp_count[w][digit];
+  p.keys_out[slot] = key;
+  p.pos_out[slot] = p.pos_in != nullptr ? p.pos_in[n] : n;
 }
 
-__global__ void rank_kernel(const __grid_constant__ BucketParams p) {
-  const int q = blockIdx.x * blockDim.x + threadIdx.x;
-  if (q >= p.N) return;
-  const int pos = p.bk.unsorted[q];
-  const int v = p.tokens[pos];
-  const int s = p.bk.starts[v], e = p.bk.starts[v + 1];
-  int rank = 0;
-  for (int r = s; r < e; ++r) rank += p.bk.unsorted[r] < pos;
-  p.bk.sorted[s + rank] = pos;
+struct BucketEndParams {
+  const int* keys;  // (N) sorted tokens
+  int* end;         // (Vp) one past each present token's last slot
+  int N;            // positions
+};
+
+__global__ void bucket_end_kernel(const __grid_constant__ BucketEndParams p) {
+  const int i = blockIdx.x * blockDim.x + threadIdx.x;
+  if (i >= p.N) return;
+  const int v = p.keys[i];
+  if (i + 1 == p.N || p.keys[i + 1] != v) p.end[v] = i + 1;
 }
 
 template <typename T>
 struct EncBwdParams {
-  T* dwte;            // (Vp, C) +=
-  const T* dout;      // (N, C)
-  const int* tokens;  // (N)
-  Buckets bk;         // sorted buckets
-  int N;              // positions
-  int C;              // channels, % 8 == 0
+  T* dwte;          // (Vp, C) +=
+  const T* dout;    // (N, C)
+  const int* keys;  // (N) sorted tokens
+  const int* pos;   // (N) positions, increasing within a token
+  const int* end;   // (Vp) bucket ends
+  int N;            // positions
+  int C;            // channels, % 8 == 0
 };
 
-// Grid (N, channel slices): block x is slot x of `sorted`; only the first slot of each
-// bucket works, summing the whole bucket in position order for its channel slice.
+// One thread per (sorted slot, pack of channels); the thread of a bucket's first slot adds
+// the bucket's dout rows, in increasing position, to the pack of dwte: acc starts at the
+// stored dwte, as the CPU reference's in-place sum does, so fp32 gives the CPU's bits.
 template <typename T>
 __global__ void dwte_kernel(const __grid_constant__ EncBwdParams<T> p) {
   using P = Pack16<T>;
-  const int slot = blockIdx.x;
-  const int v = p.tokens[p.bk.sorted[slot]];
-  const int s = p.bk.starts[v], e = p.bk.starts[v + 1];
-  if (slot != s) return;
-  const int c = (blockIdx.y * blockDim.x + threadIdx.x) * P::kN;
-  if (c >= p.C) return;
-  float acc[P::kN] = {};
-  for (int r = s; r < e; ++r) {
-    const P g = P::load(p.dout + static_cast<size_t>(p.bk.sorted[r]) * p.C + c);
+  const int packs = p.C / P::kN;
+  const size_t i = static_cast<size_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= static_cast<size_t>(p.N) * packs) return;
+  const int slot = static_cast<int>(i / packs), c = static_cast<int>(i % packs) * P::kN;
+  const int v = p.keys[slot];
+  if (slot > 0 && p.keys[slot - 1] == v) return;  // not the bucket's first slot
+  const int e = p.end[v];
+  T* dst = p.dwte + static_cast<size_t>(v) * p.C + c;
+  P o = P::load(dst);
+  float acc[P::kN];
+#pragma unroll
+  for (int j = 0; j < P::kN; ++j) acc[j] = to_f32(o.v[j]);
+#pragma unroll 4
+  for (int r = slot; r < e; ++r) {
+    const P g = P::load(p.dout + static_cast<size_t>(p.pos[r]) * p.C + c);
 #pragma unroll
     for (int j = 0; j < P::kN; ++j) acc[j] += to_f32(g.v[j]);
   }
-  T* dst = p.dwte + static_cast<size_t>(v) * p.C + c;
-  P o = P::load(dst);
 #pragma unroll
-  for (int j = 0; j < P::kN; ++j) o.v[j] = from_f32<T>(to_f32(o.v[j]) + acc[j]);
+  for (int j = 0; j < P::kN; ++j) o.v[j] = from_f32<T>(acc[j]);
   o.store(dst);
 }
 
@@ -175,7 +241,8 @@ struct DwpeParams {
   int C;          // channels, % 8 == 0
 };
 
-// One thread per (t, pack of channels): sums over b in order.
+// One thread per (t, pack of channels): adds b = 0, 1, ... in order to the stored dwpe (the
+// CPU reference's order: fp32 gives its bits).
 template <typename T>
 __global__ void dwpe_kernel(const __grid_constant__ DwpeParams<T> p) {
   using P = Pack16<T>;
@@ -183,16 +250,18 @@ __global__ void dwpe_kernel(const __grid_constant__ DwpeParams<T> p) {
   const int i = blockIdx.x * blockDim.x + threadIdx.x;
   if (i >= p.seq_len * packs) return;
   const int t = i / packs, c = (i % packs) * P::kN;
-  float acc[P::kN] = {};
+  T* dst = p.dwpe + static_cast<size_t>(t) * p.C + c;
+  P o = P::load(dst);
+  float acc[P::kN];
+#pragma unroll
+  for (int j = 0; j < P::kN; ++j) acc[j] = to_f32(o.v[j]);
   for (int b = 0; b < p.B; ++b) {
     const P g = P::load(p.dout + (static_cast<size_t>(b) * p.seq_len + t) * p.C + c);
 #pragma unroll
     for (int j = 0; j < P::kN; ++j) acc[j] += to_f32(g.v[j]);
   }
-  T* dst = p.dwpe + static_cast<size_t>(t) * p.C + c;
-  P o = P::load(dst);
 #pragma unroll
-  for (int j = 0; j < P::kN; ++j) o.v[j] = from_f32<T>(to_f32(o.v[j]) + acc[j]);
+  for (int j = 0; j < P::kN; ++j) o.v[j] = from_f32<T>(acc[j]);
   o.store(dst);
 }
 
@@ -223,8 +292,9 @@ void encoder_forward(Elem* out, const int* tokens, const Elem* wte, const Elem* 
 }
 
 size_t encoder_backward_workspace_bytes(int B, int T, int Vp) {
-  const size_t N = static_cast<size_t>(B) * T;
-  return sizeof(int) * (3 * static_cast<size_t>(Vp) + 1 + 2 * N);
+  const int N = std::max(0, B) * std::max(0, T);
+  return sizeof(int) * (4 * static_cast<size_t>(N) + static_cast<size_t>(kDigits) * sort_blocks(N) +
+                        std::max(Vp, 0));
 }
 
 template <typename Elem>
@@ -239,22 +309,33 @@ void encoder_backward(Elem* dwte, Elem* dwpe, const Elem* dout, const int* token
   REMAT_CHECK(aligned16(dwte) && aligned16(dwpe) && aligned16(dout),
               "encoder_backward: pointers must be 16-byte aligned");
   NvtxRange range("encoder_backward");
-  const Buckets bk = carve(workspace, N, Vp);
-  REMAT_CUDA_CHECK(cudaMemsetAsync(bk.counts, 0, 2 * sizeof(int) * Vp, stream));  // + cursor
-  const BucketParams bp{bk, tokens, N, Vp};
-  histogram_kernel<<<ceil_div(N, 256), 256, 0, stream>>>(bp);
-  REMAT_CUDA_LAUNCH_CHECK(stream);
-  scan_kernel<<<1, 1024, 0, stream>>>(bp);
-  REMAT_CUDA_LAUNCH_CHECK(stream);
-  fill_kernel<<<ceil_div(N, 256), 256, 0, stream>>>(bp);
-  REMAT_CUDA_LAUNCH_CHECK(stream);
-  rank_kernel<<<ceil_div(N, 256), 256, 0, stream>>>(bp);
+  const Buckets bk = carve(workspace, N);
+  const int blocks = sort_blocks(N), passes = sort_passes(Vp);
+  for (int pass = 0; pass < passes; ++pass) {
+    const int in = (pass + 1) % 2, out = pass % 2;  // pass 0 reads the tokens, writes [0]
+    const SortPassParams sp{pass == 0 ? tokens : bk.keys[in],
+                            pass == 0 ? nullptr : bk.pos[in],
+                            bk.keys[out],
+                            bk.pos[out],
+                            bk.table,
+                            N,
+                            pass * kDigitBits,
+                            blocks};
+    digit_count_kernel<<<blocks, kSortThreads, 0, stream>>>(sp);
+    REMAT_CUDA_LAUNCH_CHECK(stream);
+    exclusive_scan_kernel<<<1, 1024, 0, stream>>>(ScanParams{bk.table, kDigits * blocks});
+    REMAT_CUDA_LAUNCH_CHECK(stream);
+    digit_scatter_kernel<<<blocks, kSortThreads, 0, stream>>>(sp);
+    REMAT_CUDA_LAUNCH_CHECK(stream);
+  }
+  const int* keys = bk.keys[(passes - 1) % 2];
+  const int* pos = bk.pos[(passes - 1) % 2];
+  bucket_end_kernel<<<ceil_div(N, 256), 256, 0, stream>>>(BucketEndParams{keys, bk.end, N});
   REMAT_CUDA_LAUNCH_CHECK(stream);
 
-  constexpr int kSliceThreads = 64;  // packs per channel slice
   const int packs = C / Pack16<Elem>::kN;
-  const EncBwdParams<Elem> p{dwte, dout, tokens, bk, N, C};
-  dwte_kernel<Elem><<<dim3(N, ceil_div(packs, kSliceThreads)), kSliceThreads, 0, stream>>>(p);
+  const EncBwdParams<Elem> p{dwte, dout, keys, pos, bk.end, N, C};
+  dwte_kernel<Elem><<<ceil_div(static_cast<long>(N) * packs, 256), 256, 0, stream>>>(p);
   REMAT_CUDA_LAUNCH_CHECK(stream);
   if (dwpe == nullptr) return;  // no position embedding
   const DwpeParams<Elem> q{dwpe, dout, B, T, C};
