@@ -23,6 +23,7 @@ CostModel cost_model_for(ActDType dt) {
   if (dt == ActDType::kBF16) {
     m.flops_per_s = 798e12;
     m.bytes_per_s = 3.0e12;
+    m.link_bytes_per_s = 25e9;  // PCIe host <-> device, as copies reach in practice
   } else {
     m.flops_per_s = 1e11;
     m.bytes_per_s = 2e10;
@@ -40,6 +41,7 @@ int cmd_plan(int argc, const char* const* argv) {
       .add("batch", "16", "micro-batch size B")
       .add("seq", "1024", "sequence length T")
       .add("recompute", "none", "checkpoint policy (see remat train --help)")
+      .add("offload", "none", "tensors kept in host memory (see remat train --help)")
       .flag("grad-checkpoint",
             "the same as --recompute full (Hugging Face's gradient_checkpointing=True)")
       .add("dtype", "bf16", "activation type: bf16 (CUDA) or fp32")
@@ -66,9 +68,10 @@ int cmd_plan(int argc, const char* const* argv) {
   so.lookahead = o.get_count("lookahead");
   const CostModel cm = cost_model_for(dt);
   Plan plan = make_plan(recompute_policy(o), c, B, T, dt, so, cm);
+  apply_offload(plan, o.get("offload"));
   ModelRunner dry(c, B, T, plan, dt, so, /*dry=*/true);
   dry.forward_backward(nullptr, nullptr, nullptr, nullptr, 1.0f);
-  MemoryReport r = memory_report(c, B, T, plan, dt, dry.stats(), cm);
+  MemoryReport r = memory_report(c, B, T, plan, dt, dry.stats(), cm, &dry.host_stats());
   const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
 
   const Program& prog = dry.program();
@@ -99,6 +102,12 @@ int cmd_plan(int argc, const char* const* argv) {
     j["workspace_peak_bytes"] = static_cast<uint64_t>(r.workspace_peak);
     j["arena_peak_bytes"] = static_cast<uint64_t>(r.arena_peak);
     j["total_bytes"] = static_cast<uint64_t>(r.total_bytes);
+    j["offload"] = plan.offload_spec.empty() ? "none" : plan.offload_spec;
+    j["device_total_bytes"] = static_cast<uint64_t>(r.device_total_bytes);
+    j["host_total_bytes"] = static_cast<uint64_t>(r.host_total_bytes);
+    j["host_activation_peak_bytes"] = static_cast<uint64_t>(r.host_activation_peak);
+    j["copy_bytes_per_step"] = static_cast<uint64_t>(r.copy_bytes);
+    j["copy_seconds_model"] = rounded("%.6g", r.copy_seconds);
     j["activation_peak_forward_bytes"] = static_cast<uint64_t>(r.activation_peak_in_phase[0]);
     j["activation_peak_backward_bytes"] = static_cast<uint64_t>(r.activation_peak_in_phase[1]);
     j["activation_peak_recompute_bytes"] = static_cast<uint64_t>(r.activation_peak_in_phase[2]);
@@ -120,8 +129,9 @@ int cmd_plan(int argc, const char* const* argv) {
   else
     std::printf("model %s: L=%d C=%d NH=%d V=%d, %.1fM parameters\n", model.c_str(),
                 c.num_layers, c.channels, c.num_heads, c.vocab_size, num_params(c) / 1e6);
-  std::printf("run: B=%d T=%d, %s activations, lookahead %d, recompute %s\n\n", B, T, dts.c_str(),
-              so.lookahead, plan.spec.c_str());
+  std::printf("run: B=%d T=%d, %s activations, lookahead %d, recompute %s%s\n\n", B, T,
+              dts.c_str(), so.lookahead, plan.spec.c_str(),
+              plan.offload_spec.empty() ? "" : (", offload " + plan.offload_spec).c_str());
   std::printf("  %-6s %14s   %s\n", "kind", "bytes/block", "recomputed in blocks");
   for (size_t k = 0; k < K; k++) {
     std::printf("  %-6s %14s   %d of %d\n", prog.slots[k].c_str(),
@@ -143,6 +153,24 @@ int cmd_plan(int argc, const char* const* argv) {
   std::printf("  %-34s %14s\n", "arena peak (activations + workspace)",
               format_bytes(r.arena_peak).c_str());
   std::printf("  %-34s %14s\n", "total", format_bytes(r.total_bytes).c_str());
+  if (plan.any_offload()) {
+    std::printf("  %-34s %14s\n", "device total", format_bytes(r.device_total_bytes).c_str());
+    std::printf("  %-34s %14s\n", "host total (pinned: offloaded acts)",
+                format_bytes(r.host_total_bytes).c_str());
+    int inputs = 0;
+    for (uint8_t x : plan.offload_input) inputs += x;
+    std::string what;
+    if (inputs) what += "input in " + std::to_string(inputs) + " blocks";
+    for (size_t k = 0; k < K; k++) {
+      int n = 0;
+      for (const auto& row : plan.offload) n += row[k];
+      if (n) what += (what.empty() ? "" : ", ") + prog.slots[k] + " in " + std::to_string(n);
+    }
+    std::printf(
+        "\noffload: %s; %s copied per step (out and back), modelled %.2f ms at %.0f GB/s\n",
+        what.c_str(), format_bytes(r.copy_bytes).c_str(), 1e3 * r.copy_seconds,
+        cm.link_bytes_per_s / 1e9);
+  }
   std::printf(
       "\nrecompute: %.3g GFLOP per step = %.2f%% of the step's %.3g GFLOP; modelled %.2f ms\n",
       r.recompute_flops / 1e9, 100 * r.recompute_flops_fraction, step_flops(c, B, T) / 1e9,

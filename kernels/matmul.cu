@@ -51,8 +51,10 @@ struct Gemm {
   cudaDataType_t dtype;    // of A, B, D, bias, aux
 };
 
-// Largest power of two (<= 16) dividing the pointer: part of the heuristic cache key, since
-// cuBLASLt picks kernels by alignment.
+// Largest power of two (<= 16) dividing the pointer: given to the heuristic as the operand's
+// minimum alignment (its default assumes 256) and part of the cache key. Capped at 16 (no
+// algorithm asks for more) so that pointers of one shape at different arena offsets share
+// one algorithm, hence the same bits (recompute relies on that).
 int align_of(const void* p) {
   const auto a = reinterpret_cast<uintptr_t>(p);
   for (int b : {16, 8, 4, 2})
@@ -64,6 +66,8 @@ using AlgoKey =
     std::tuple<bool, bool, int, int, int, int, int, int, float, int, bool, int, int, int, int>;
 
 // Process-wide cuBLASLt state: the handle, one workspace per stream and a heuristic cache.
+// A stream's workspace lives until matmul_release_workspace(stream) (CudaStream's destructor)
+// or matmul_release_workspaces().
 struct Lt {
   std::mutex mu;
   cublasLtHandle_t handle = nullptr;
@@ -71,6 +75,9 @@ struct Lt {
   std::unordered_map<cudaStream_t, void*> workspaces;  // kLtWorkspaceBytes + bias partials
   std::map<AlgoKey, std::pair<bool, cublasLtMatmulAlgo_t>> algos;  // found?, algorithm
 };
+
+// How the last GeLU-fused GEMM of this host thread ran (matmul_last_gelu_fusion).
+thread_local GeluFusion last_gelu_fusion = GeluFusion::kNone;
 Lt& lt() {
   static Lt* state = new Lt;  // never destroyed: may be used until process exit
   return *state;
@@ -171,6 +178,17 @@ bool run_gemm(const Gemm& g, cudaStream_t stream) {
       const uint64_t bytes = kLtWorkspaceBytes;
       REMAT_CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(
           pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &bytes, sizeof(bytes)));
+      // The operands' real alignment classes (those of the key), so that the algorithm
+      // chosen can run on these pointers. C is D (beta reads D).
+      const uint32_t align_a = align_of(g.A), align_b = align_of(g.B), align_d = align_of(g.D);
+      REMAT_CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(
+          pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, &align_a, sizeof(align_a)));
+      REMAT_CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(
+          pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, &align_b, sizeof(align_b)));
+      REMAT_CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(
+          pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, &align_d, sizeof(align_d)));
+      REMAT_CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(
+          pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &align_d, sizeof(align_d)));
       cublasLtMatmulHeuristicResult_t result{};
       int found = 0;
       const cublasStatus_t st =
@@ -269,8 +287,12 @@ void matmul_forward(Elem* out, const Elem* inp, const Elem* w, const Elem* bias,
   if (pre_gelu) {
     g.epi = bias ? CUBLASLT_EPILOGUE_GELU_AUX_BIAS : CUBLASLT_EPILOGUE_GELU_AUX;
     g.aux = pre_gelu;
-    if (run_gemm(g, stream)) return;
+    if (run_gemm(g, stream)) {
+      last_gelu_fusion = GeluFusion::kEpilogue;
+      return;
+    }
     // Fallback: pre_gelu = GEMM (+ bias), then out = gelu(pre_gelu).
+    last_gelu_fusion = GeluFusion::kFallback;
     g.D = pre_gelu;
     g.aux = nullptr;
   }
@@ -323,6 +345,7 @@ void matmul_backward(Elem* dinp, Elem* dw, Elem* dbias, const Elem* dout, const 
       g.epi = CUBLASLT_EPILOGUE_DGELU;
       g.aux = const_cast<Elem*>(pre_gelu);  // read only for DGELU
       fused = run_gemm(g, stream);
+      last_gelu_fusion = fused ? GeluFusion::kEpilogue : GeluFusion::kFallback;
       g.epi = CUBLASLT_EPILOGUE_DEFAULT;
       g.aux = nullptr;
     }
@@ -398,11 +421,33 @@ void gemm(cpu::Trans ta, cpu::Trans tb, int M, int N, int K, const Elem* A, int 
   REMAT_CHECK(run_gemm(g, stream), "gemm: cuBLASLt found no algorithm");
 }
 
+void matmul_release_workspace(cudaStream_t stream) {
+  void* ws = nullptr;
+  {
+    Lt& s = lt();
+    std::lock_guard<std::mutex> lk(s.mu);
+    const auto it = s.workspaces.find(stream);
+    if (it == s.workspaces.end()) return;
+    ws = it->second;
+    s.workspaces.erase(it);
+  }
+  // The stream's last GEMM may still be running: free after it.
+  cudaError_t err = cudaStreamSynchronize(stream);
+  if (err == cudaSuccess) err = cudaFree(ws);
+  if (err != cudaSuccess)
+    std::fprintf(stderr, "remat: releasing a cuBLASLt workspace failed: %s\n",
+                 cudaGetErrorString(err));
+}
+
 void matmul_release_workspaces() {
   Lt& s = lt();
   std::lock_guard<std::mutex> lk(s.mu);
   for (auto& kv : s.workspaces) REMAT_CUDA_CHECK(cudaFree(kv.second));
   s.workspaces.clear();
+}
+
+GeluFusion matmul_last_gelu_fusion() {
+  return last_gelu_fusion;
 }
 
 #define REMAT_INSTANTIATE(E)                                                                     \

@@ -29,7 +29,8 @@ namespace remat::cuda {
 
 // cuBLASLt GEMMs (fp32 accumulation; the fp32 mode is true fp32, no TF32). Each stream gets
 // its own cuBLASLt workspace, allocated on the stream's first GEMM and kept until
-// matmul_release_workspaces().
+// matmul_release_workspace(stream) (a CudaStream calls it when destroyed) or
+// matmul_release_workspaces(). The heuristic is told each operand's alignment.
 
 // out (N, OC) = inp (N, C) @ w (OC, C)^T + bias (OC); bias may be null. out is overwritten.
 // With pre_gelu (N, OC) not null: pre_gelu = inp @ w^T + bias and out = gelu(pre_gelu)
@@ -56,8 +57,21 @@ template <typename Elem>
 void gemm(cpu::Trans ta, cpu::Trans tb, int M, int N, int K, const Elem* A, int lda, const Elem* B,
           int ldb, float beta, Elem* C, int ldc, cudaStream_t stream);
 
+// Frees `stream`'s workspace, if it has one, after the stream's work; call before destroying
+// a stream that ran GEMMs (no GEMM may be enqueued on it meanwhile). Never throws (destructors
+// call it): an error is printed on stderr.
+void matmul_release_workspace(cudaStream_t stream);
+
 // Frees every stream's workspace. Call with all streams idle (e.g. before exit).
 void matmul_release_workspaces();
+
+// How a GeLU-fused matmul_forward / matmul_backward (pre_gelu set) ran: in the cuBLASLt
+// epilogue (GELU_AUX / DGELU: GeLU of the fp32 accumulator, cuBLASLt's own GeLU) or, where
+// cuBLASLt offers no algorithm for it, as the plain GEMM then the GeLU kernel (kernels/gelu.h)
+// on the stored pre-activation. matmul_last_gelu_fusion() tells the last such call's way on
+// this host thread (kNone before any); tests and benchmarks report it.
+enum class GeluFusion { kNone, kEpilogue, kFallback };
+GeluFusion matmul_last_gelu_fusion();
 
 }  // namespace remat::cuda
 #endif  // REMAT_WITH_CUDA

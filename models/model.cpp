@@ -29,7 +29,7 @@ ModelRunner::ModelRunner(const ModelConfig& c, int B, int T, Plan plan, ActDType
     : Executor(model_program(c, B, T), std::move(plan), dtype, opt, dry, backend), B_(B), T_(T) {}
 
 MemoryReport memory_report(const ModelConfig& c, int B, int T, const Plan& plan, ActDType dt,
-                           const ArenaStats& st, const CostModel& m) {
+                           const ArenaStats& st, const CostModel& m, const ArenaStats* host) {
   MemoryReport r;
   const uint64_t P = num_params(c);
   if (dt == ActDType::kBF16) {
@@ -45,11 +45,17 @@ MemoryReport memory_report(const ModelConfig& c, int B, int T, const Plan& plan,
   r.workspace_peak = st.peak_by_usage[static_cast<int>(Usage::kWorkspace)];
   r.arena_peak = st.peak_bytes;
   r.total_bytes = r.params_bytes + r.grads_bytes + r.optimizer_bytes + r.arena_peak;
+  r.device_total_bytes = r.total_bytes;
+  if (host) r.host_activation_peak = host->extent_peak;
+  r.host_total_bytes = r.host_activation_peak;
   r.activation_peak_in_phase = st.activation_peak_in_phase;
   const RecomputeCost rc = recompute_cost(*model_program(c, B, T), plan, act_bytes(dt), m);
   r.recompute_flops = rc.flops;
   r.recompute_flops_fraction = rc.flops / step_flops(c, B, T);
   r.recompute_seconds = rc.seconds;
+  const CopyCost cc = copy_cost(*model_program(c, B, T), plan, act_bytes(dt), m);
+  r.copy_bytes = cc.bytes;
+  r.copy_seconds = cc.seconds;
   return r;
 }
 

@@ -46,14 +46,20 @@ struct MemoryReport {
   uint64_t activation_peak = 0;  // high-water of activations in the arena
   uint64_t workspace_peak = 0;   // high-water of activation gradients and scratch
   uint64_t arena_peak = 0;       // high-water of both together (the reservation)
-  uint64_t total_bytes = 0;      // params + grads + optimizer + arena_peak
+  uint64_t total_bytes = 0;      // params + grads + optimizer + arena_peak: the device's
+  uint64_t device_total_bytes = 0;  // the same (named for the JSON beside host_total_bytes)
+  uint64_t host_activation_peak = 0;  // high-water of offloaded activations (host arena)
+  uint64_t host_total_bytes = 0;      // what the run keeps in (pinned) host memory
+  uint64_t copy_bytes = 0;            // offload traffic per step, both directions
+  double copy_seconds = 0;            // per step at the link's modelled bandwidth
   std::array<uint64_t, kNumPhases> activation_peak_in_phase{};
   double recompute_flops = 0;           // per step
   double recompute_flops_fraction = 0;  // recompute_flops / step_flops
   double recompute_seconds = 0;         // per step, by the cost model
 };
 MemoryReport memory_report(const ModelConfig& c, int B, int T, const Plan& plan, ActDType dt,
-                           const ArenaStats& stats, const CostModel& m);
+                           const ArenaStats& stats, const CostModel& m,
+                           const ArenaStats* host_stats = nullptr);
 
 // Activation peak of a plan by the dry run (the planner's peak_of).
 uint64_t dry_run_activation_peak(const ModelConfig& c, int B, int T, const Plan& plan, ActDType dt,

@@ -109,6 +109,20 @@ std::vector<ReplayStep> replay_of(const Program& p, const Plan& plan, int block)
   return steps;
 }
 
+CopyCost copy_cost(const Program& p, const Plan& plan, int es, const CostModel& m) {
+  CopyCost c;
+  if (plan.offload_input.empty()) return c;
+  for (size_t t = 0; t < p.tensors.size(); t++) {
+    const TensorDesc& d = p.tensors[t];
+    if (d.block < 0 || !d.saved || !kept(p, plan, static_cast<TensorId>(t))) continue;
+    const bool off = d.checkpoint ? plan.offload_input[d.block] != 0
+                                  : d.slot >= 0 && plan.offload[d.block][d.slot] != 0;
+    if (off) c.bytes += 2 * p.tensor_bytes(static_cast<TensorId>(t), es);
+  }
+  c.seconds = double(c.bytes) / m.link_bytes_per_s;
+  return c;
+}
+
 RecomputeCost recompute_cost(const Program& p, const Plan& plan, int es, const CostModel& m) {
   RecomputeCost c;
   for (int l = 0; l < p.num_blocks; l++) {
@@ -159,6 +173,18 @@ std::vector<SlotCost> slot_costs(const Program& p, int es, const CostModel& m) {
 // Outputs of one op at most (a residual LayerNorm has two).
 constexpr size_t kMaxOutputs = 4;
 
+// The host arena's memory: the backend's host allocations (pinned on CUDA), one reservation.
+class HostMemory : public MemoryResource {
+ public:
+  explicit HostMemory(Backend* be) : be_(be) {}
+  void* reserve(size_t bytes) override { return be_->alloc_host(bytes); }
+  void release(void* p) override { be_->release_host(p); }
+  void poison(void*, size_t, Stream*) override {}
+
+ private:
+  Backend* be_;
+};
+
 struct Executor::Impl {
   std::shared_ptr<const Program> prog;
   const Program& P;
@@ -170,11 +196,15 @@ struct Executor::Impl {
   int es;
   int L;
   int last_block_op = -1;  // index of the last op inside a block
-  std::unique_ptr<Stream> main, side;
+  std::unique_ptr<Stream> main, side, copy;
   std::unique_ptr<Arena> arena;
+  std::unique_ptr<HostMemory> host_memory;
+  std::unique_ptr<Arena> host_arena;  // offloaded activations between forward and backward
 
   // Derived once.
   std::vector<char> keep;           // kept by the plan in training
+  std::vector<char> offl;           // kept in host memory between forward and backward
+  std::vector<std::vector<TensorId>> fetch_list;  // per block: its offloaded tensors
   std::vector<int> last_fwd_train;  // last forward use among the ops a training forward runs
   std::vector<std::vector<ParamId>> grads_final_at;  // per op: params whose gradient it finishes
   Executor::GradReadyHook grad_ready_hook;
@@ -194,8 +224,9 @@ struct Executor::Impl {
   std::vector<GradBuf> gbufs;   // reused; one entry per live gradient buffer
   std::vector<int> free_gbufs;  // gbufs entries not in use
   std::vector<int> grad_of;     // tensor -> gbufs index, -1 none
-  std::vector<Event> ready;
+  std::vector<Event> ready, fetched;
   std::vector<char> issued, waited;
+  std::vector<Block> hblk;  // host copy of each offloaded tensor
   int next_rc = 0;
   std::vector<std::vector<char>> shadow;  // verify-recompute originals, per tensor
   std::vector<int> inputs_host, targets_host;
@@ -232,20 +263,28 @@ struct Executor::Impl {
     if (dry) {
       main = make_null_stream("main", 0);
       side = make_null_stream("recompute", 1);
+      copy = make_null_stream("copy", 2);
       arena = std::make_unique<Arena>(std::numeric_limits<size_t>::max(), nullptr);
+      host_arena = std::make_unique<Arena>(std::numeric_limits<size_t>::max(), nullptr);
     } else {
-      size_t need = 0;
+      size_t need = 0, need_host = 0;
       {
         Impl probe(prog, plan, dt, o, true, be);
         probe.forward_backward(nullptr, nullptr, nullptr, nullptr, 1.0f);
         need = probe.arena->stats().extent_peak;
+        need_host = probe.host_arena->stats().extent_peak;
         Impl probe_eval(prog, plan, dt, o, true, be);
         probe_eval.forward_loss(nullptr, nullptr, nullptr);
         need = std::max(need, probe_eval.arena->stats().extent_peak);
       }
       main = be->make_stream("remat-main", 0);
       side = be->make_stream("remat-recompute", 1);
+      copy = be->make_stream("remat-copy", 2);
       arena = std::make_unique<Arena>(std::max<size_t>(need, Arena::kAlign), be->memory());
+      host_memory = std::make_unique<HostMemory>(be);
+      // No offload: an arena of one alignment unit (nothing is ever placed in it).
+      host_arena = std::make_unique<Arena>(std::max<size_t>(need_host, Arena::kAlign),
+                                           host_memory.get());
       int C = 1, NH = 1, Vp = 1;
       for (const OpDesc& op : P.ops) {
         C = std::max(C, op.C);
@@ -264,7 +303,9 @@ struct Executor::Impl {
   ~Impl() {
     if (main) main->synchronize();
     if (side) side->synchronize();
+    if (copy) copy->synchronize();
     arena.reset();
+    host_arena.reset();
     if (tokens_dev) be->release(tokens_dev);
     if (loss_host) be->release_host(loss_host);
   }
@@ -282,6 +323,19 @@ struct Executor::Impl {
       if (last_writer[q] >= 0) grads_final_at[last_writer[q]].push_back(static_cast<ParamId>(q));
     keep.assign(nt, 0);
     for (size_t t = 0; t < nt; t++) keep[t] = kept(P, plan, static_cast<TensorId>(t));
+    // Offloaded: a block input the plan sends to the host, or a kept slot it does.
+    offl.assign(nt, 0);
+    fetch_list.assign(L, {});
+    const bool has_offload = !plan.offload_input.empty();
+    for (size_t t = 0; has_offload && t < nt; t++) {
+      const TensorDesc& d = P.tensors[t];
+      if (d.block < 0 || !keep[t] || !d.saved) continue;
+      const bool off = d.checkpoint ? plan.offload_input[d.block] != 0
+                                    : d.slot >= 0 && plan.offload[d.block][d.slot] != 0;
+      if (!off) continue;
+      offl[t] = 1;
+      fetch_list[d.block].push_back(static_cast<TensorId>(t));
+    }
     last_fwd_train.assign(nt, -1);
     last_fwd_eval.assign(nt, -1);
     last_bwd_read.assign(nt, -1);
@@ -332,6 +386,8 @@ struct Executor::Impl {
     gbufs.reserve(nt);
     free_gbufs.reserve(nt);
     ready.assign(L, Event{});
+    fetched.assign(L, Event{});
+    hblk.assign(nt, Block{});
     issued.assign(L, 0);
     waited.assign(L, 0);
     if (opt.verify_recompute) shadow.assign(nt, {});
@@ -472,11 +528,20 @@ struct Executor::Impl {
         }
         run_forward(op, s, fwd_label[i], out.data(), false);
       }
-      for (TensorId t : op.in)
-        if (last[t] == static_cast<int>(i) && !(train && keep[t]) && blk[t].valid())
+      for (TensorId t : op.in) {
+        if (last[t] != static_cast<int>(i) || !blk[t].valid()) continue;
+        if (!(train && keep[t]))
           release_forward(t, mode);
-      for (TensorId o : op.out)
-        if (last[o] < 0 && !(train && keep[o])) release_forward(o, mode);
+        else if (train && offl[t])
+          offload_out(t);
+      }
+      for (TensorId o : op.out) {
+        if (last[o] >= 0) continue;
+        if (!(train && keep[o]))
+          release_forward(o, mode);
+        else if (train && offl[o])
+          offload_out(o);
+      }
     }
   }
 
@@ -498,10 +563,49 @@ struct Executor::Impl {
     arena->free(losses, s);
   }
 
+  // ---- offload: out to the host after the last forward use, back ahead of the backward ----
+  void offload_out(TensorId t) {
+    const int l = P.tensors[t].block;
+    const size_t bytes = P.tensor_bytes(t, es);
+    if (opt.verify_recompute && !dry) {
+      std::vector<char>& dst = shadow[t];
+      dst.resize(bytes);
+      be->copy_to_host(main.get(), dst.data(), blk[t].ptr, bytes, "verify.save", l);
+    }
+    copy->wait(main->record());
+    hblk[t] = host_arena->alloc(bytes, copy.get(), Phase::kForward, Usage::kActivation,
+                                tensor_name[t]);
+    be->copy_to_host(copy.get(), hblk[t].ptr, blk[t].ptr, bytes, "offload.copy_out", l);
+    // Its device bytes may be reused once the copy has read them.
+    arena->free(blk[t], copy.get());
+  }
+
+  // Brings block l's offloaded tensors back on the copy stream; fetched[l] marks their arrival.
+  void fetch(int l) {
+    if (fetch_list[l].empty()) return;
+    NvtxRange nvtx_fetch("fetch.block", l);
+    if (opt.debug_recompute_delay_ms > 0 && !dry) {
+      int ms = opt.debug_recompute_delay_ms;
+      be->host_task(
+          copy.get(), [ms] { std::this_thread::sleep_for(std::chrono::milliseconds(ms)); },
+          "debug.delay", l);
+    }
+    for (TensorId t : fetch_list[l]) {
+      const size_t bytes = P.tensor_bytes(t, es);
+      blk[t] = arena->alloc(bytes, copy.get(), Phase::kBackward, Usage::kActivation,
+                            tensor_name[t]);
+      be->upload_async(copy.get(), blk[t].ptr, hblk[t].ptr, bytes, "offload.fetch");
+      host_arena->free(hblk[t], copy.get());
+    }
+    fetched[l] = copy->record();
+  }
+
   // ---- recompute of block l on the side stream ----
   void recompute(int l) {
     NvtxRange nvtx_block("recompute.block", l);
     Stream* s = side.get();
+    // A replay may read a tensor that was offloaded (a block input under full recompute).
+    if (!fetch_list[l].empty() && !opt.debug_skip_ready_wait) s->wait(fetched[l]);
     if (opt.debug_recompute_delay_ms > 0 && !dry) {
       int ms = opt.debug_recompute_delay_ms;
       be->host_task(
@@ -535,19 +639,28 @@ struct Executor::Impl {
         if (b.valid()) arena->free(b, s);
     }
     ready[l] = s->record();
-    issued[l] = 1;
   }
 
+  // Block l has work ahead of its backward: offloaded tensors to fetch, tensors to rebuild.
+  bool prepares(int l) const { return plan.block_recomputes(l) || !fetch_list[l].empty(); }
+  void prepare(int l) {
+    fetch(l);
+    if (plan.block_recomputes(l)) recompute(l);
+    issued[l] = 1;
+  }
   void issue_down_to(int lowest) {
     for (; next_rc >= std::max(lowest, 0); next_rc--)
-      if (plan.block_recomputes(next_rc)) recompute(next_rc);
+      if (prepares(next_rc)) prepare(next_rc);
   }
 
   // The main stream may read block l's rebuilt tensors after this.
   void ensure_ready(int l) {
-    if (l < 0 || l >= L || !plan.block_recomputes(l) || waited[l]) return;
+    if (l < 0 || l >= L || !prepares(l) || waited[l]) return;
     if (!issued[l]) issue_down_to(l);
-    if (!opt.debug_skip_ready_wait) main->wait(ready[l]);
+    if (!opt.debug_skip_ready_wait) {
+      if (plan.block_recomputes(l)) main->wait(ready[l]);
+      if (!fetch_list[l].empty()) main->wait(fetched[l]);
+    }
     waited[l] = 1;
     verify(l);
   }
@@ -556,9 +669,12 @@ struct Executor::Impl {
   // main stream's order after the ready event. Throws, naming block, tensor and index.
   void verify(int l) {
     if (!opt.verify_recompute || dry) return;
+    std::vector<TensorId> check = fetch_list[l];
     for (size_t k = 0; k < P.slots.size(); k++) {
       const TensorId t = P.slot_tensor[l][k];
-      if (t < 0 || !plan.recompute[l][k]) continue;
+      if (t >= 0 && plan.recompute[l][k]) check.push_back(t);
+    }
+    for (TensorId t : check) {
       auto now = std::make_shared<std::vector<char>>(P.tensor_bytes(t, es));
       be->copy_to_host(main.get(), now->data(), blk[t].ptr, now->size(), "verify.load", l);
       const std::vector<char>* orig = &shadow[t];
@@ -823,6 +939,7 @@ struct Executor::Impl {
 
   void begin_step(const void* params, void* grads) {
     arena->rewind();
+    host_arena->rewind();
     Pw = params;
     Gw = grads;
     std::fill(blk.begin(), blk.end(), Block{});
@@ -855,6 +972,7 @@ struct Executor::Impl {
     }
     nvtx_block.reset();
     side->synchronize();
+    copy->synchronize();
     main->synchronize();
     return loss_host ? *loss_host : 0.0f;
   }
@@ -900,6 +1018,7 @@ const ArenaStats& Executor::stats() const {
 }
 void Executor::reset_peaks() {
   impl_->arena->reset_peaks();
+  impl_->host_arena->reset_peaks();
 }
 Arena& Executor::arena() {
   return *impl_->arena;
@@ -909,6 +1028,12 @@ Stream* Executor::main_stream() {
 }
 Stream* Executor::side_stream() {
   return impl_->side.get();
+}
+Stream* Executor::copy_stream() {
+  return impl_->copy.get();
+}
+const ArenaStats& Executor::host_stats() const {
+  return impl_->host_arena->stats();
 }
 Backend& Executor::backend() {
   return *impl_->be;

@@ -10,6 +10,12 @@
 //   of the backward pass, with a ready event the main stream waits on before it reads them;
 //   the replay runs the forward's own kernels on the forward's own inputs, so it is bitwise
 //   identical (`verify_recompute` checks it, naming block, tensor and index);
+// - offload: a tensor the plan offloads is copied to a host arena (pinned on CUDA: one
+//   reservation sized by the dry run) on the copy stream after its last forward use, its
+//   device bytes freed when the copy has read them, and fetched back with the look-ahead
+//   ahead of its block's backward (and of its block's replay, which may read it), with an
+//   event the main and recompute streams wait on; the bytes come back unchanged, so training
+//   is bitwise that of keeping it (`verify_recompute` checks fetched tensors too);
 // - dry run: the same calls with null streams and an arena with no memory: the prediction of
 //   every peak (the arena of a real executor is sized by one).
 // Nothing is allocated inside a step: one arena reservation, the backend's scratch sized when
@@ -44,7 +50,17 @@ struct ScheduleOptions {
 struct CostModel {
   double flops_per_s = 1e11;
   double bytes_per_s = 2e10;
+  // Host <-> device copies (the offload link): PCIe on CUDA; the CPU backend's copy thread.
+  double link_bytes_per_s = 1e10;
 };
+
+// Per training step, what a plan's offloads move over the link: every offloaded tensor out
+// after the forward pass and back before the backward pass.
+struct CopyCost {
+  uint64_t bytes = 0;    // both directions
+  double seconds = 0;    // at the link's bandwidth
+};
+CopyCost copy_cost(const Program& p, const Plan& plan, int elem_bytes, const CostModel& m);
 double op_seconds(const OpDesc& op, int elem_bytes, const CostModel& m, bool norm_only = false);
 
 // One op of a block's recompute replay and what becomes of each of its outputs.
@@ -103,10 +119,13 @@ class Executor {
   void set_grad_ready_hook(GradReadyHook hook);
 
   const ArenaStats& stats() const;
+  // The host arena's (offloaded activations; empty without offload).
+  const ArenaStats& host_stats() const;
   void reset_peaks();
   Arena& arena();
   Stream* main_stream();
   Stream* side_stream();
+  Stream* copy_stream();  // offload copies
   Backend& backend();
   const Plan& plan() const;
   const Program& program() const;

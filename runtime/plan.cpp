@@ -15,6 +15,55 @@ PlanSchema plan_schema(const Program& p) {
   return PlanSchema{p.num_blocks, p.slots, p.slot_class};
 }
 
+bool Plan::any_offload() const {
+  for (size_t l = 0; l < offload_input.size(); l++)
+    if (block_offloads(static_cast<int>(l))) return true;
+  return false;
+}
+
+bool Plan::block_offloads(int block) const {
+  if (block < 0 || block >= static_cast<int>(offload_input.size())) return false;
+  if (offload_input[block]) return true;
+  for (uint8_t x : offload[block])
+    if (x) return true;
+  return false;
+}
+
+void apply_offload(Plan& plan, const std::string& spec) {
+  const size_t L = plan.recompute.size(), S = plan.slots.size();
+  plan.offload.assign(L, std::vector<uint8_t>(S, 0));
+  plan.offload_input.assign(L, 0);
+  plan.offload_spec = spec == "none" ? "" : spec;
+  if (spec.empty() || spec == "none") return;
+  size_t start = 0;
+  while (start <= spec.size()) {
+    const size_t plus = spec.find('+', start);
+    const std::string name =
+        spec.substr(start, plus == std::string::npos ? std::string::npos : plus - start);
+    if (name == "input") {
+      for (size_t l = 1; l < L; l++) plan.offload_input[l] = 1;
+    } else {
+      auto it = std::find(plan.slots.begin(), plan.slots.end(), name);
+      if (it == plan.slots.end()) {
+        std::string known = "input";
+        for (const std::string& k : plan.slots) known += ", " + k;
+        throw Error("--offload '" + spec + "': unknown tensor '" + name + "' (known: " + known +
+                    ")");
+      }
+      const size_t k = static_cast<size_t>(it - plan.slots.begin());
+      for (size_t l = 0; l < L; l++) {
+        if (plan.recompute[l][k])
+          throw Error("--offload '" + spec + "': '" + name + "' of block " + std::to_string(l) +
+                      " is recomputed by --recompute " + plan.spec +
+                      "; a tensor is either recomputed or offloaded");
+        plan.offload[l][k] = 1;
+      }
+    }
+    if (plus == std::string::npos) break;
+    start = plus + 1;
+  }
+}
+
 bool Plan::any_recompute() const {
   return num_recomputed() > 0;
 }
@@ -140,6 +189,8 @@ Plan parse_plan(const std::string& spec, const PlanSchema& schema) {
   plan.spec = spec;
   plan.slots = schema.slots;
   plan.recompute.assign(num_blocks, SlotSet(schema.slots.size(), 0));
+  plan.offload.assign(num_blocks, SlotSet(schema.slots.size(), 0));
+  plan.offload_input.assign(num_blocks, 0);
   std::vector<std::string> parts;
   size_t start = 0;
   while (true) {

@@ -27,6 +27,13 @@ struct Plan {
   std::string spec;                             // what the user asked for: "selective", ...
   std::vector<std::string> slots;               // the schema's slot names
   std::vector<std::vector<uint8_t>> recompute;  // [block][slot]: 1 = recompute
+  // The third choice: kept, but in host memory between its last forward use and its first
+  // backward use (copied out on the copy stream, fetched back ahead of the backward pass).
+  std::string offload_spec;                   // "" or what --offload asked for: "input+qkv"
+  std::vector<std::vector<uint8_t>> offload;  // [block][slot]: 1 = offload (never recomputed)
+  std::vector<uint8_t> offload_input;         // [block]: the block's input (its checkpoint)
+  bool any_offload() const;
+  bool block_offloads(int block) const;
   bool any_recompute() const;
   int num_recomputed() const;  // (block, slot) pairs recomputed
   bool block_recomputes(int block) const;
@@ -50,6 +57,12 @@ struct SlotCost {
 //   (e.g. "selective,0-3=full"). budget:BYTES is handled by plan_for_budget.
 // Throws remat::Error naming the bad part.
 Plan parse_plan(const std::string& spec, const PlanSchema& schema);
+
+// Adds --offload to a plan: "none", or names joined by '+': "input" (each block's input, its
+// checkpoint, from block 1 on: block 0's input is the embedding's output, outside the blocks)
+// and slot names (e.g. "input+qkv"). A slot the plan recomputes cannot also be offloaded.
+// Throws remat::Error naming the bad part.
+void apply_offload(Plan& plan, const std::string& spec);
 
 // True when spec starts with "budget:"; *bytes gets the parsed size (accepts K, M, G, KiB,
 // MiB, GiB, KB, MB, GB suffixes).

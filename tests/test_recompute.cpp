@@ -6,6 +6,7 @@
 #include <cmath>
 #include <cstring>
 
+#include "base/error.h"
 #include "kernels/common.h"
 #include "models/model.h"
 #include "models/trainer.h"
@@ -31,7 +32,7 @@ struct Trace {
 };
 
 Trace train(const std::string& shard, const std::string& policy, int steps, int lookahead = 1,
-            bool verify = false, int layers = 3) {
+            bool verify = false, int layers = 3, const std::string& offload = "none") {
   ModelConfig c = tiny_config(layers);
   const int B = 2, T = 8;
   DataLoader data(shard, B, T, c.vocab_size, false, 1);
@@ -42,6 +43,7 @@ Trace train(const std::string& shard, const std::string& policy, int steps, int 
   so.lookahead = lookahead;
   so.verify_recompute = verify;
   Plan plan = make_plan(policy, c, B, T, ActDType::kFP32, so, CostModel{});
+  apply_offload(plan, offload);
   Trainer tr(c, B, T, 2, h, plan, so, test::init(c, 3));
   Trace t;
   for (int s = 0; s < steps; s++) {
@@ -90,6 +92,49 @@ TEST_F(Policies, EveryPresetTrainsBitwiseLikeNone) {
   }
 }
 
+// Offloaded tensors come back from host memory unchanged: every combination with a recompute
+// policy trains bitwise like none (a build that drops the copy-ready waits fails here).
+TEST_F(Policies, OffloadTrainsBitwiseLikeNone) {
+  struct Case {
+    const char* recompute;
+    const char* offload;
+  };
+  for (const Case& k : {Case{"none", "input"}, Case{"none", "input+qkv+gelu"},
+                        Case{"none", "ln1+qkv+attn+r2+ln2+fch+gelu"}, Case{"full", "input"},
+                        Case{"selective", "input+qkv+attn"}, Case{"attention", "input+fch"},
+                        Case{"every:2", "input"}}) {
+    const std::string what = std::string(k.recompute) + " + offload " + k.offload;
+    SCOPED_TRACE(what);
+    expect_bitwise_equal(train(*dir_ / "d.bin", k.recompute, 5, 1, false, 3, k.offload), *none_,
+                         what);
+  }
+  for (int la : {0, 2}) {
+    SCOPED_TRACE(la);
+    expect_bitwise_equal(train(*dir_ / "d.bin", "full", 5, la, false, 3, "input"), *none_,
+                         "full + offload input, lookahead");
+  }
+}
+
+TEST_F(Policies, VerifyRecomputeCoversFetchedTensors) {
+  for (const char* off : {"input", "input+qkv+r2"}) {
+    SCOPED_TRACE(off);
+    EXPECT_NO_THROW(train(*dir_ / "d.bin", "none", 2, 1, /*verify=*/true, 3, off));
+  }
+  EXPECT_NO_THROW(train(*dir_ / "d.bin", "full", 2, 1, /*verify=*/true, 3, "input"));
+}
+
+TEST(Offload, RefusesWhatItCannotDo) {
+  const ModelConfig c = tiny_config(3);
+  Plan p = parse_plan("full", c);
+  EXPECT_THROW(apply_offload(p, "input+qkv"), Error);  // qkv is recomputed
+  Plan q = parse_plan("none", c);
+  EXPECT_THROW(apply_offload(q, "input+nonsense"), Error);
+  apply_offload(q, "input+qkv");
+  EXPECT_EQ(q.offload_input[0], 0) << "block 0's input is the embedding's output";
+  EXPECT_EQ(q.offload_input[1], 1);
+  EXPECT_TRUE(q.any_offload());
+}
+
 TEST_F(Policies, LookaheadDoesNotChangeResults) {
   for (int la : {0, 2, 5}) {
     SCOPED_TRACE(la);
@@ -121,12 +166,16 @@ TEST(Arena, PredictedPeakEqualsMeasured) {
   auto p = test::init(c);
   auto in = test::random_tokens(B * T, c.vocab_size, 1),
        tg = test::random_tokens(B * T, c.vocab_size, 2);
-  for (const char* spec : {"none", "selective", "attention", "full", "every:2", "r2", "qkv+fch"}) {
+  for (const char* spec : {"none", "selective", "attention", "full", "every:2", "r2", "qkv+fch",
+                           "none/input+qkv", "full/input", "selective/input+fch"}) {
     for (int la : {0, 1, 2}) {
       SCOPED_TRACE(std::string(spec) + " lookahead " + std::to_string(la));
       ScheduleOptions so;
       so.lookahead = la;
-      Plan plan = parse_plan(spec, c);
+      const std::string sp = spec;
+      const size_t slash = sp.find('/');
+      Plan plan = parse_plan(sp.substr(0, slash), c);
+      if (slash != std::string::npos) apply_offload(plan, sp.substr(slash + 1));
       ModelRunner dry(c, B, T, plan, ActDType::kFP32, so, true);
       dry.forward_backward(nullptr, nullptr, nullptr, nullptr, 1.0f);
       ModelRunner real(c, B, T, plan, ActDType::kFP32, so, false);
@@ -139,6 +188,10 @@ TEST(Arena, PredictedPeakEqualsMeasured) {
       EXPECT_EQ(a.activation_peak_in_phase, b.activation_peak_in_phase);
       EXPECT_EQ(a.extent_peak, b.extent_peak);
       EXPECT_EQ(a.allocs, b.allocs);
+      EXPECT_EQ(dry.host_stats().peak_bytes, real.host_stats().peak_bytes);
+      EXPECT_EQ(dry.host_stats().extent_peak, real.host_stats().extent_peak);
+      EXPECT_EQ(real.host_stats().live_bytes, 0u);
+      if (slash != std::string::npos) EXPECT_GT(real.host_stats().peak_bytes, 0u);
       EXPECT_EQ(b.live_bytes, 0u) << "everything allocated in a step is freed by its end";
       EXPECT_LE(b.extent_peak, real.arena().capacity());
     }

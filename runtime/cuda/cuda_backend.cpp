@@ -60,9 +60,10 @@ class CudaBackend final : public Backend {
     REMAT_CUDA_CHECK(cudaMallocHost(reinterpret_cast<void**>(&scalars_host_), 4 * sizeof(float)));
   }
   ~CudaBackend() override {
-    // Never throws: the device may be in an error state already.
+    // Never throws: the device may be in an error state already. The cuBLASLt workspaces
+    // belong to the streams (each frees its own when destroyed), not to the backend: another
+    // live backend's stay.
     cudaDeviceSynchronize();
-    cuda::matmul_release_workspaces();
     cudaFree(scratch_);
     cudaFree(scalars_dev_);
     cudaFreeHost(scalars_host_);
@@ -119,7 +120,11 @@ class CudaBackend final : public Backend {
     REMAT_CUDA_CHECK(cudaMemcpy(dst, src, bytes, cudaMemcpyHostToDevice));
     REMAT_CUDA_CHECK(cudaDeviceSynchronize());
   }
+  // Ordered as upload is: the copy runs on the legacy stream, which remat's non-blocking
+  // streams do not synchronize with, so first wait for all their work (the data written
+  // there is what is read).
   void download(void* dst, const void* src, size_t bytes) override {
+    REMAT_CUDA_CHECK(cudaDeviceSynchronize());
     REMAT_CUDA_CHECK(cudaMemcpy(dst, src, bytes, cudaMemcpyDeviceToHost));
   }
   void upload_elems(void* dst, const float* src, size_t n) override {

@@ -27,10 +27,14 @@ class CudaMemory final : public MemoryResource {
   }
 
   // 0xFF bytes: NaN in fp32 and in bf16. As work on `stream` (label "poison"), after its
-  // last use there; with no stream, at once on the legacy default stream.
+  // last use there; with no stream, at once, ordered as Backend::upload is: the legacy stream's
+  // memset does not synchronize with remat's non-blocking streams, so the device is
+  // synchronized before (no kernel still uses the block) and after (none sees it unfilled).
   void poison(void* p, size_t bytes, Stream* stream) override {
     if (stream == nullptr) {
+      REMAT_CUDA_CHECK(cudaDeviceSynchronize());
       REMAT_CUDA_CHECK(cudaMemset(p, 0xFF, bytes));
+      REMAT_CUDA_CHECK(cudaDeviceSynchronize());
       return;
     }
     auto s = static_cast<cudaStream_t>(stream->native());

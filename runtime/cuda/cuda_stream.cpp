@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "kernels/cuda_common.cuh"
+#include "kernels/matmul.h"
 #include "runtime/cuda/cupti_trace.h"
 #include "runtime/trace_sink.h"
 
@@ -83,13 +84,14 @@ class CudaStream final : public Stream {
     nvtxNameCudaStreamA(stream_, name.c_str());
   }
 
-  // Waits for the stream's work, then frees everything; records not yet delivered are dropped.
-  // Never throws: errors go to stderr.
+  // Waits for the stream's work, then frees everything (its cuBLASLt workspace included);
+  // records not yet delivered are dropped. Never throws: errors go to stderr.
   ~CudaStream() override {
     const cudaError_t err = cudaStreamSynchronize(stream_);
     if (err != cudaSuccess)
       std::fprintf(stderr, "remat: stream '%s' destroyed with a pending error: %s\n",
                    name().c_str(), cudaGetErrorString(err));
+    cuda::matmul_release_workspace(stream_);
     if (timing_ == Timing::kCupti) cupti_trace_detach(cupti_stream_);
     release_tags_locked(UINT64_MAX);  // no other thread may use a stream being destroyed
     for (auto& kv : recorded_) cudaEventDestroy(kv.second);
@@ -185,7 +187,14 @@ class CudaStream final : public Stream {
     while (!e.stream->done(e)) std::this_thread::sleep_for(std::chrono::microseconds(50));
   }
 
+  // Retires only what was recorded before the wait began: an event another thread records
+  // meanwhile may be behind work the wait did not cover.
   void synchronize() override {
+    uint64_t recorded_before;
+    {
+      std::lock_guard<std::mutex> lk(mu_);
+      recorded_before = seq_;
+    }
     REMAT_CUDA_CHECK(cudaStreamSynchronize(stream_));
     std::vector<TraceRecord> records;
     TraceSink* sink;
@@ -194,10 +203,12 @@ class CudaStream final : public Stream {
     uint32_t cupti_stream;
     {
       std::lock_guard<std::mutex> lk(mu_);
-      completed_ = seq_;
-      for (auto& kv : recorded_) pool_.push_back(kv.second);
-      recorded_.clear();
-      positions_.clear();
+      completed_ = std::max(completed_, recorded_before);
+      while (!recorded_.empty() && recorded_.begin()->first <= completed_) {
+        pool_.push_back(recorded_.begin()->second);
+        recorded_.erase(recorded_.begin());
+      }
+      while (!positions_.empty() && positions_.front().first <= completed_) positions_.pop_front();
       sink = sink_;
       item_sink = item_sink_;
       timing = timing_;
@@ -244,8 +255,7 @@ class CudaStream final : public Stream {
     std::vector<TraceRecord> late;  // waits since the last synchronize(), late CUPTI records
     {
       std::lock_guard<std::mutex> lk(mu_);
-      std::vector<TraceRecord> dropped;
-      flush_event_trace_locked(&dropped);
+      drop_event_trace_locked();
       old_sink = sink_;
       old_item_sink = item_sink_;
       old_timing = timing_;
@@ -386,15 +396,32 @@ class CudaStream final : public Stream {
     }
   }
 
-  // Turns finished event-timed ops into records (the stream has been synchronized).
+  // Turns finished event-timed ops into records; ops whose end event has not completed yet
+  // (launched by another thread during a synchronize()) stay for a later flush.
   void flush_event_trace_locked(std::vector<TraceRecord>* out) {
+    std::vector<Pending> unfinished;
     for (const Pending& p : pending_) {
+      const cudaError_t st = cudaEventQuery(p.end);
+      if (st == cudaErrorNotReady) {
+        unfinished.push_back(p);
+        continue;
+      }
+      REMAT_CUDA_CHECK(st);
       float start_ms = 0.f, end_ms = 0.f;
       REMAT_CUDA_CHECK(cudaEventElapsedTime(&start_ms, anchor_, p.start));
       REMAT_CUDA_CHECK(cudaEventElapsedTime(&end_ms, anchor_, p.end));
       const OpRecord r{p.label, id(), anchor_ns_ + static_cast<int64_t>(start_ms * 1e6),
                        anchor_ns_ + static_cast<int64_t>(end_ms * 1e6), p.block};
       out->push_back(TraceRecord{r, p.seq, -1, p.launch_ns});
+      timing_pool_.push_back(p.start);
+      timing_pool_.push_back(p.end);
+    }
+    pending_.swap(unfinished);
+  }
+
+  // Forgets the event-timed ops not flushed yet (a detaching sink drops them).
+  void drop_event_trace_locked() {
+    for (const Pending& p : pending_) {
       timing_pool_.push_back(p.start);
       timing_pool_.push_back(p.end);
     }

@@ -8,6 +8,10 @@
 // - wait(e) enqueues cudaStreamWaitEvent on the event mapped to e (or, for a seq never
 //   recorded exactly, the first event recorded after it). Events of non-CUDA streams are
 //   waited for on the host.
+// - synchronize() waits for the work enqueued before it began and retires the events recorded
+//   before it began; one another thread records meanwhile stays pending (done() asks CUDA).
+// - Destroying the stream waits for its work and frees its cuBLASLt workspace
+//   (kernels/matmul.h), if a GEMM gave it one.
 // - The stream is created with cudaStreamNonBlocking (no implicit legacy-stream sync) and
 //   named for Nsight Systems (nvtxNameCudaStreamA).
 // - Tracing (a sink attached): records reach the sink at synchronize(), start/end in ns on the
