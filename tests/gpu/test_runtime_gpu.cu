@@ -1,6 +1,7 @@
-// The CUDA runtime pieces: CudaStream (events, cross-stream waits, recycling, tracing through
-// CUPTI and through cudaEvents, wait records the Tracer resolves) and the activation arena over
-// the CUDA memory resource. Tests skip without a device, saying so.
+// The CUDA runtime pieces: CudaStream (events, cross-stream waits, recycling, synchronize
+// racing a record, tracing through CUPTI and through cudaEvents, wait records the Tracer
+// resolves), the activation arena over the CUDA memory resource, and the backend's ordering of
+// downloads and ownership of cuBLASLt workspaces. Tests skip without a device, saying so.
 //
 // Ordering tests use a kernel that spins for a while before writing: without the wait under
 // test, the consumer would read the old value.
@@ -8,17 +9,21 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <mutex>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "kernels/cuda_common.cuh"
+#include "kernels/matmul.h"
 #include "profiling/overlap.h"
 #include "profiling/tracer.h"
 #include "runtime/arena.h"
+#include "runtime/cuda/cuda_backend.h"
 #include "runtime/cuda/cuda_memory.h"
 #include "runtime/cuda/cuda_stream.h"
 #include "runtime/cuda/cupti_trace.h"
@@ -336,6 +341,144 @@ TEST(CudaStreamTrace, CuptiWaitIsResolvedToTheSideStreamsRemainingTime) {
 TEST(CudaStreamTrace, EventFallbackWaitIsResolvedToTheSideStreamsRemainingTime) {
   REMAT_REQUIRE_GPU();
   check_traced_wait(Timing::kEvents);
+}
+
+// An event another thread records while synchronize() waits may be behind work the wait did
+// not cover: synchronize() must not call it complete. `raw` is recorded just before it, so
+// "done(e) implies raw complete" holds for any correct stream, however the wait went.
+TEST(CudaStream, SynchronizeRetiresOnlyEventsRecordedBeforeIt) {
+  REMAT_REQUIRE_GPU();
+  auto s = make_cuda_stream("sync", 8);
+  int* x;
+  REMAT_CUDA_CHECK(cudaMalloc(&x, 2 * sizeof(int)));
+  cudaEvent_t raw;
+  REMAT_CUDA_CHECK(cudaEventCreateWithFlags(&raw, cudaEventDisableTiming));
+  s->launch([&] { spin_then_write<<<1, 1, 0, native(*s)>>>(x, 1, kSpinNs); }, "first");
+  Event e;
+  std::thread other([&] {
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));  // inside the wait below
+    s->launch([&] { spin_then_write<<<1, 1, 0, native(*s)>>>(x + 1, 2, 5 * kSpinNs); }, "late");
+    REMAT_CUDA_CHECK(cudaEventRecord(raw, native(*s)));
+    e = s->record();
+  });
+  s->synchronize();
+  other.join();
+  const bool said_done = s->done(e);
+  const bool raw_done = cudaEventQuery(raw) == cudaSuccess;
+  EXPECT_TRUE(!said_done || raw_done) << "an event recorded during synchronize() was retired "
+                                         "before its work completed";
+  s->synchronize();
+  EXPECT_TRUE(s->done(e));
+  (void)cudaGetLastError();
+  cudaEventDestroy(raw);
+  cudaFree(x);
+}
+
+// Backend::download copies on the legacy stream: it must still see the last write of a kernel
+// on one of remat's (non-blocking) streams.
+TEST(CudaBackend, DownloadWaitsForWorkOnRematStreams) {
+  REMAT_REQUIRE_GPU();
+  auto backend = make_cuda_backend(ActDType::kFP32);
+  auto s = backend->make_stream("main", 0);
+  int* x = static_cast<int*>(backend->alloc(sizeof(int), "x"));
+  s->launch([&] { spin_then_write<<<1, 1, 0, native(*s)>>>(x, 42, kSpinNs); }, "slow write");
+  int h = 0;
+  backend->download(&h, x, sizeof(int));
+  EXPECT_EQ(h, 42) << "download ran before the stream's kernel finished";
+  s->synchronize();
+  backend->release(x);
+}
+
+// cuBLASLt workspaces belong to streams: destroying one backend (and its streams) must leave
+// another backend's workspaces alone. The freed memory of the old scheme would be handed out
+// again: canaries take it, and must stay untouched while the survivor's matmul (whose bias
+// gradient writes its partials into the workspace) runs correctly.
+TEST(CudaBackend, DestroyingOneBackendLeavesAnotherBackendsWorkspaces) {
+  REMAT_REQUIRE_GPU();
+  constexpr int N = 64, C = 96, OC = 128;
+  const std::vector<float> inp = [] {
+    std::vector<float> v(N * C);
+    for (size_t i = 0; i < v.size(); ++i) v[i] = static_cast<float>(i % 7) - 3.f;
+    return v;
+  }();
+  const std::vector<float> w = [] {
+    std::vector<float> v(OC * C);
+    for (size_t i = 0; i < v.size(); ++i) v[i] = static_cast<float>(i % 5) - 2.f;
+    return v;
+  }();
+  const std::vector<float> dout = [] {
+    std::vector<float> v(N * OC);
+    for (size_t i = 0; i < v.size(); ++i) v[i] = static_cast<float>(i % 3) - 1.f;
+    return v;
+  }();
+  struct Side {
+    std::unique_ptr<Backend> backend;
+    std::unique_ptr<Stream> stream;
+    void *inp, *w, *dout, *dinp, *dw, *db;
+  };
+  auto make_side = [&](const char* name) {
+    Side sd;
+    sd.backend = make_cuda_backend(ActDType::kFP32);
+    sd.stream = sd.backend->make_stream(name, 0);
+    Backend& b = *sd.backend;
+    sd.inp = b.alloc(inp.size() * 4, "inp");
+    sd.w = b.alloc(w.size() * 4, "w");
+    sd.dout = b.alloc(dout.size() * 4, "dout");
+    sd.dinp = b.alloc(inp.size() * 4, "dinp");
+    sd.dw = b.alloc(w.size() * 4, "dw");
+    sd.db = b.alloc(OC * 4, "db");
+    b.upload_elems(sd.inp, inp.data(), inp.size());
+    b.upload_elems(sd.w, w.data(), w.size());
+    b.upload_elems(sd.dout, dout.data(), dout.size());
+    return sd;
+  };
+  auto backward = [&](Side& sd) {
+    sd.backend->matmul_backward(sd.stream.get(), sd.dinp, sd.dw, sd.db, sd.dout, sd.inp, sd.w, N, C,
+                                OC, "bwd", -1);
+    sd.stream->synchronize();
+  };
+  auto release = [](Side& sd) {
+    for (void* p : {sd.inp, sd.w, sd.dout, sd.dinp, sd.dw, sd.db}) sd.backend->release(p);
+  };
+  Side a = make_side("a"), b = make_side("b");
+  backward(a);  // each stream now has its workspace
+  backward(b);
+  release(a);
+  a.stream.reset();
+  a.backend.reset();
+
+  constexpr size_t kCanaryBytes = size_t(36) << 20;  // a workspace's size today (32 + 4 MiB)
+  std::vector<void*> canaries;
+  for (int i = 0; i < 4; ++i) {
+    void* p = nullptr;
+    if (cudaMalloc(&p, kCanaryBytes) != cudaSuccess) break;
+    REMAT_CUDA_CHECK(cudaMemset(p, 0x5A, kCanaryBytes));
+    canaries.push_back(p);
+  }
+  (void)cudaGetLastError();
+  REMAT_CUDA_CHECK(cudaDeviceSynchronize());
+  backward(b);  // dw and db accumulate: twice the single-run values now
+
+  std::vector<float> dinp(inp.size()), dw(w.size()), db(OC);
+  b.backend->download_elems(dinp.data(), b.dinp, dinp.size());
+  b.backend->download_elems(dw.data(), b.dw, dw.size());
+  b.backend->download_elems(db.data(), b.db, db.size());
+  std::vector<float> rdinp(inp.size()), rdw(w.size(), 0.f), rdb(OC, 0.f);
+  for (int run = 0; run < 2; ++run)
+    cpu::matmul_backward(rdinp.data(), rdw.data(), rdb.data(), dout.data(), inp.data(), w.data(), N,
+                         C, OC);
+  // Small integers: every sum is exact in fp32, whatever the order.
+  EXPECT_EQ(dinp, rdinp);
+  EXPECT_EQ(dw, rdw);
+  EXPECT_EQ(db, rdb);
+  std::vector<unsigned char> h(kCanaryBytes);
+  for (size_t i = 0; i < canaries.size(); ++i) {
+    REMAT_CUDA_CHECK(cudaMemcpy(h.data(), canaries[i], kCanaryBytes, cudaMemcpyDeviceToHost));
+    const bool intact = std::all_of(h.begin(), h.end(), [](unsigned char c) { return c == 0x5A; });
+    EXPECT_TRUE(intact) << "canary " << i << " (memory freed with the other backend) was written";
+    cudaFree(canaries[i]);
+  }
+  release(b);
 }
 
 TEST(CudaMemory, PoisonFillsNaNBytesOnTheStream) {
