@@ -204,6 +204,8 @@ int cmd_train(int argc, const char* const* argv) {
            "state records, and a different --seed is refused")
       .add("device", "auto", "auto (CUDA when a GPU is found), cpu or cuda")
       .add("dtype", "auto", "auto (bf16 on CUDA, fp32 on the CPU), bf16 or fp32 (CUDA: TF32 off)")
+      .add("attention", "remat",
+           "remat (its own flash attention) or cudnn (cuDNN's fused attention: CUDA, bf16)")
       .add("log", "", "append one JSON object per step to this file")
       .add("recompute", "none",
            "checkpoint policy: none, selective, attention, full, every:K, budget:BYTES, "
@@ -230,6 +232,7 @@ int cmd_train(int argc, const char* const* argv) {
   // Device.
   BackendChoice bc = choose_backend(o.get("device"), o.get("dtype"));
   Backend& be = *bc.backend;
+  be.set_attention(o.get("attention"));
   if (!bc.note.empty()) std::printf("%s\n", bc.note.c_str());
   std::printf("backend: %s\n", be.describe().c_str());
 

@@ -18,6 +18,7 @@
 #include <memory>
 #include <string>
 
+#include "base/error.h"
 #include "kernels/adamw.h"
 #include "runtime/arena.h"
 #include "runtime/stream.h"
@@ -61,6 +62,16 @@ class Backend {
   // Sizes the backend's own scratch for a model shape (B, T, C, NH, padded vocabulary Vp), so
   // that the steps allocate nothing. Call with the streams idle.
   virtual void reserve_scratch(int B, int T, int C, int NH, int Vp) = 0;
+  // Which attention attention_forward/backward run: "remat" (kernels/attention.h, the default)
+  // or "cudnn" (cuDNN's fused attention: the CUDA backend in bf16, built with cuDNN). Call
+  // before reserve_scratch(). Throws Error naming what is missing; this default runs remat's.
+  virtual void set_attention(const std::string& impl) {
+    REMAT_REQUIRE(impl == "remat" || impl == "cudnn",
+                  "--attention: expected remat or cudnn, got '" + impl + "'");
+    REMAT_REQUIRE(impl == "remat", std::string("--attention cudnn needs the CUDA backend (--device "
+                                               "cuda); the ") +
+                                       name() + " backend runs --attention remat only");
+  }
 
   // ---- stream-ordered utilities ----
   virtual void zero(Stream* s, void* p, size_t bytes, const char* label) = 0;

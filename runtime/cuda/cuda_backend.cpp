@@ -6,6 +6,7 @@
 #include <cuda_runtime_api.h>
 
 #include <cstring>
+#include <map>
 #include <string>
 #include <vector>
 
@@ -13,6 +14,7 @@
 #include "kernels/attention.h"
 #include "kernels/classifier.h"
 #include "kernels/cuda_common.cuh"
+#include "kernels/cudnn_attention.h"
 #include "kernels/encoder.h"
 #include "kernels/gelu.h"
 #include "kernels/gradnorm.h"
@@ -78,7 +80,7 @@ class CudaBackend final : public Backend {
                   dtype_name(dtype()),
                   sizeof(Elem) == 2 ? " weights/activations/gradients, fp32 master weights"
                                     : " everywhere, TF32 off");
-    return buf;
+    return std::string(buf) + (use_cudnn_ ? ", cuDNN attention" : "");
   }
 
   std::unique_ptr<Stream> make_stream(const std::string& name, int id) override {
@@ -155,7 +157,26 @@ class CudaBackend final : public Backend {
     need = std::max(need, cuda::attention_backward_workspace_floats(B, T, NH) * sizeof(float));
     need = std::max(need, cuda::gradnorm_workspace_floats() * sizeof(float));
     need = std::max(need, size_t(Vp) * sizeof(Elem));  // classifier_logits of one row
+    need = std::max(need, cudnn_backward_bytes(B, T, C, NH, 0));  // builds cuDNN's graphs
     scratch(need);
+  }
+  void set_attention(const std::string& impl) override {
+    REMAT_REQUIRE(impl == "remat" || impl == "cudnn",
+                  "--attention: expected remat or cudnn, got '" + impl + "'");
+    use_cudnn_ = false;
+    if (impl == "remat") return;
+#ifdef REMAT_WITH_CUDNN
+    REMAT_REQUIRE(sizeof(Elem) == 2,
+                  "--attention cudnn needs --dtype bf16 (cuDNN's fused attention is bf16 only); "
+                  "fp32 runs --attention remat");
+    if (!cudnn_) cudnn_ = std::make_unique<cuda::CudnnAttention>();
+    use_cudnn_ = true;
+#else
+    throw Error(
+        "--attention cudnn: this build has no cuDNN attention (cudnn-frontend headers or cuDNN "
+        "were not found when it was configured; scripts/setup.sh fetches the headers); use "
+        "--attention remat");
+#endif
   }
 
   void zero(Stream* s, void* p, size_t bytes, const char* label) override {
@@ -300,12 +321,15 @@ class CudaBackend final : public Backend {
   }
   void attention_forward(Stream* s, void* out, float* lse, const void* qkv, int B, int T, int C,
                          int NH, int NKV, const char* label, int block) override {
+    if (use_cudnn_) return cudnn_attention_forward(s, out, lse, qkv, B, T, C, NH, NKV, label, block);
     s->launch([=] { cuda::attention_forward(E(out), lse, E(qkv), B, T, C, NH, native(s), NKV); },
               label, block);
   }
   void attention_backward(Stream* s, void* dqkv, const void* dout, const void* qkv, const void* out,
                           const float* lse, int B, int T, int C, int NH, int NKV, const char* label,
                           int block) override {
+    if (use_cudnn_)
+      return cudnn_attention_backward(s, dqkv, dout, qkv, out, lse, B, T, C, NH, NKV, label, block);
     s->launch(
         [=] {
           float* ws = static_cast<float*>(
@@ -382,6 +406,70 @@ class CudaBackend final : public Backend {
     scratch_bytes_ = bytes;
     return scratch_;
   }
+
+  // ---- cuDNN's fused attention (set_attention("cudnn"); bf16) ----
+  // The backward's workspace is the main stream's scratch; the forward runs on the main and the
+  // recompute streams, so each stream has its own forward workspace (cuDNN's forward usually
+  // needs none), grown after that stream has synchronized.
+  bool use_cudnn_ = false;
+#ifdef REMAT_WITH_CUDNN
+  struct DeviceBytes {
+    void* p = nullptr;
+    size_t bytes = 0;
+    DeviceBytes() = default;
+    DeviceBytes(const DeviceBytes&) = delete;
+    ~DeviceBytes() { cudaFree(p); }
+  };
+  std::unique_ptr<cuda::CudnnAttention> cudnn_;
+  std::map<cudaStream_t, DeviceBytes> cudnn_forward_ws_;
+
+  size_t cudnn_backward_bytes(int B, int T, int C, int NH, int NKV) {
+    return use_cudnn_ ? cudnn_->backward_workspace_bytes(B, T, C, NH, NKV) : 0;
+  }
+  void* cudnn_forward_workspace(cudaStream_t st, size_t bytes) {
+    if (bytes == 0) return nullptr;
+    DeviceBytes& w = cudnn_forward_ws_[st];
+    if (w.bytes < bytes) {
+      REMAT_CUDA_CHECK(cudaStreamSynchronize(st));
+      REMAT_CUDA_CHECK(cudaFree(w.p));
+      w.p = nullptr;
+      w.bytes = 0;
+      REMAT_CUDA_CHECK(cudaMalloc(&w.p, bytes));
+      w.bytes = bytes;
+    }
+    return w.p;
+  }
+  void cudnn_attention_forward(Stream* s, void* out, float* lse, const void* qkv, int B, int T,
+                               int C, int NH, int NKV, const char* label, int block) {
+    s->launch(
+        [=] {
+          const size_t ws = cudnn_->forward_workspace_bytes(B, T, C, NH, NKV);
+          cudnn_->forward(static_cast<__nv_bfloat16*>(out), lse,
+                          static_cast<const __nv_bfloat16*>(qkv), B, T, C, NH,
+                          cudnn_forward_workspace(native(s), ws), ws, native(s), NKV);
+        },
+        label, block);
+  }
+  void cudnn_attention_backward(Stream* s, void* dqkv, const void* dout, const void* qkv,
+                                const void* out, const float* lse, int B, int T, int C, int NH,
+                                int NKV, const char* label, int block) {
+    using bf16 = __nv_bfloat16;
+    s->launch(
+        [=] {
+          const size_t ws = cudnn_backward_bytes(B, T, C, NH, NKV);
+          cudnn_->backward(static_cast<bf16*>(dqkv), static_cast<const bf16*>(dout),
+                           static_cast<const bf16*>(qkv), static_cast<const bf16*>(out), lse, B, T,
+                           C, NH, scratch(ws), ws, native(s), NKV);
+        },
+        label, block);
+  }
+#else
+  size_t cudnn_backward_bytes(int, int, int, int, int) { return 0; }
+  void cudnn_attention_forward(Stream*, void*, float*, const void*, int, int, int, int, int,
+                               const char*, int) {}
+  void cudnn_attention_backward(Stream*, void*, const void*, const void*, const void*,
+                                const float*, int, int, int, int, int, const char*, int) {}
+#endif
 
   cudaDeviceProp props_{};
   void* scratch_ = nullptr;
