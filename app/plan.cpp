@@ -42,6 +42,7 @@ int cmd_plan(int argc, const char* const* argv) {
       .add("seq", "1024", "sequence length T")
       .add("recompute", "none", "checkpoint policy (see remat train --help)")
       .add("offload", "none", "tensors kept in host memory (see remat train --help)")
+      .flag("offload-optimizer", "fp32 master weights and AdamW moments in pinned host memory")
       .flag("grad-checkpoint",
             "the same as --recompute full (Hugging Face's gradient_checkpointing=True)")
       .add("dtype", "bf16", "activation type: bf16 (CUDA) or fp32")
@@ -71,7 +72,8 @@ int cmd_plan(int argc, const char* const* argv) {
   apply_offload(plan, o.get("offload"));
   ModelRunner dry(c, B, T, plan, dt, so, /*dry=*/true);
   dry.forward_backward(nullptr, nullptr, nullptr, nullptr, 1.0f);
-  MemoryReport r = memory_report(c, B, T, plan, dt, dry.stats(), cm, &dry.host_stats());
+  MemoryReport r = memory_report(c, B, T, plan, dt, dry.stats(), cm, &dry.host_stats(),
+                                 o.get_bool("offload-optimizer"));
   const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
 
   const Program& prog = dry.program();
@@ -103,6 +105,8 @@ int cmd_plan(int argc, const char* const* argv) {
     j["arena_peak_bytes"] = static_cast<uint64_t>(r.arena_peak);
     j["total_bytes"] = static_cast<uint64_t>(r.total_bytes);
     j["offload"] = plan.offload_spec.empty() ? "none" : plan.offload_spec;
+    j["offload_optimizer"] = r.optimizer_on_host;
+    j["optimizer_link_bytes_per_step"] = static_cast<uint64_t>(r.optimizer_link_bytes);
     j["device_total_bytes"] = static_cast<uint64_t>(r.device_total_bytes);
     j["host_total_bytes"] = static_cast<uint64_t>(r.host_total_bytes);
     j["host_activation_peak_bytes"] = static_cast<uint64_t>(r.host_activation_peak);
@@ -140,7 +144,8 @@ int cmd_plan(int argc, const char* const* argv) {
   }
   std::printf("\n  %-34s %14s\n", "parameters", format_bytes(r.params_bytes).c_str());
   std::printf("  %-34s %14s\n", "gradients", format_bytes(r.grads_bytes).c_str());
-  std::printf("  %-34s %14s\n", "optimizer state", format_bytes(r.optimizer_bytes).c_str());
+  std::printf("  %-34s %14s\n", r.optimizer_on_host ? "optimizer state (host)" : "optimizer state",
+              format_bytes(r.optimizer_bytes).c_str());
   std::printf("  %-34s %14s\n", "activation peak", format_bytes(r.activation_peak).c_str());
   std::printf("  %-34s %14s\n", "  during forward",
               format_bytes(r.activation_peak_in_phase[0]).c_str());
@@ -153,10 +158,11 @@ int cmd_plan(int argc, const char* const* argv) {
   std::printf("  %-34s %14s\n", "arena peak (activations + workspace)",
               format_bytes(r.arena_peak).c_str());
   std::printf("  %-34s %14s\n", "total", format_bytes(r.total_bytes).c_str());
-  if (plan.any_offload()) {
+  if (plan.any_offload() || r.optimizer_on_host) {
     std::printf("  %-34s %14s\n", "device total", format_bytes(r.device_total_bytes).c_str());
-    std::printf("  %-34s %14s\n", "host total (pinned: offloaded acts)",
-                format_bytes(r.host_total_bytes).c_str());
+    std::printf("  %-34s %14s\n", "host total (pinned)", format_bytes(r.host_total_bytes).c_str());
+  }
+  if (plan.any_offload()) {
     int inputs = 0;
     for (uint8_t x : plan.offload_input) inputs += x;
     std::string what;
@@ -171,6 +177,12 @@ int cmd_plan(int argc, const char* const* argv) {
         what.c_str(), format_bytes(r.copy_bytes).c_str(), 1e3 * r.copy_seconds,
         cm.link_bytes_per_s / 1e9);
   }
+  if (r.optimizer_on_host)
+    std::printf(
+        "%soptimizer offload: the update reads and writes %s per step across the link, "
+        "modelled %.2f ms\n",
+        plan.any_offload() ? "" : "\n", format_bytes(r.optimizer_link_bytes).c_str(),
+        1e3 * r.optimizer_link_seconds);
   std::printf(
       "\nrecompute: %.3g GFLOP per step = %.2f%% of the step's %.3g GFLOP; modelled %.2f ms\n",
       r.recompute_flops / 1e9, 100 * r.recompute_flops_fraction, step_flops(c, B, T) / 1e9,

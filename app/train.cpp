@@ -13,6 +13,8 @@
 #include <cstring>
 #include <optional>
 
+#include <nlohmann/json.hpp>
+
 #include "app/cli.h"
 #include "app/commands.h"
 #include "base/error.h"
@@ -59,15 +61,25 @@ PrepareResult default_corpus() {
   return prepare_corpus({kDefaultCorpusDir}, kDefaultDataDir, 512, 0.05);
 }
 
-// Bytes a training run needs on its backend before its first step: weights, gradients and
-// AdamW state (16 bytes per parameter on both backends: fp32 weights, gradients and moments;
-// or fp32 master weights and moments beside bf16 weights and gradients), plus the arena
-// reservation the dry run of this plan asks for.
+// Bytes of weights, gradients and AdamW state a run keeps in the backend's memory: 16 per
+// parameter on both backends (fp32 weights, gradients and moments; or fp32 master weights and
+// moments beside bf16 weights and gradients). With --offload-optimizer on CUDA the master
+// weights and moments are host memory: 4 (bf16) or 8 (fp32: weights and gradients) remain.
+uint64_t state_bytes(const ModelConfig& c, const ScheduleOptions& so, ActDType dt, bool device) {
+  const uint64_t P = num_params(c);
+  if (!(device && so.offload_optimizer)) return 16ull * P;
+  return (dt == ActDType::kBF16 ? 4ull : 8ull) * P;
+}
+
+// Bytes a training run needs on its backend before its first step: its state_bytes plus the
+// arena reservation the dry run of this plan asks for (and, on the CPU backend, whose memory
+// is the host's, the host arena of offloaded activations).
 uint64_t bytes_needed(const ModelConfig& c, int B, int T, const Plan& plan,
-                      const ScheduleOptions& so, ActDType dt) {
+                      const ScheduleOptions& so, ActDType dt, bool device) {
   ModelRunner dry(c, B, T, plan, dt, so, /*dry=*/true);
   dry.forward_backward(nullptr, nullptr, nullptr, nullptr, 1.0f);
-  return 16ull * num_params(c) + dry.stats().extent_peak;
+  return state_bytes(c, so, dt, device) + dry.stats().extent_peak +
+         (device ? 0 : dry.host_stats().extent_peak);
 }
 
 // An error before anything is allocated when the run cannot fit the backend's memory, naming
@@ -77,22 +89,24 @@ void check_fits_in_memory(const ModelConfig& c, int B, int T, const Plan& plan,
   const uint64_t avail = be.available_bytes();
   if (avail == 0) return;
   const ActDType dt = be.dtype();
-  const uint64_t need = bytes_needed(c, B, T, plan, so, dt);
+  const bool device = std::string(be.name()) == "cuda";
+  const uint64_t need = bytes_needed(c, B, T, plan, so, dt, device);
   if (need <= avail) return;
-  const std::string where = std::string(be.name()) == "cuda" ? "GPU memory" : "memory";
+  const std::string where = device ? "GPU memory" : "memory";
+  const uint64_t state = state_bytes(c, so, dt, device);
   std::string msg = "this run needs " + format_bytes(need) + " of " + where +
-                    " (weights, gradients and AdamW state " + format_bytes(16ull * num_params(c)) +
+                    " (weights, gradients and AdamW state " + format_bytes(state) +
                     ", activations and workspace with --recompute " + policy + " " +
-                    format_bytes(need - 16ull * num_params(c)) + ") but only " +
-                    format_bytes(avail) + " is available";
+                    format_bytes(need - state) + ") but only " + format_bytes(avail) +
+                    " is available";
   Plan full = parse_plan("full", c);
-  const uint64_t need_full = bytes_needed(c, B, T, full, so, dt);
+  const uint64_t need_full = bytes_needed(c, B, T, full, so, dt, device);
   if (need_full <= avail) {
     msg += "; --recompute full needs " + format_bytes(need_full) + " and fits";
   } else {
     int b = B;
-    while (b > 1 && bytes_needed(c, b, T, full, so, dt) > avail) b /= 2;
-    if (bytes_needed(c, b, T, full, so, dt) <= avail)
+    while (b > 1 && bytes_needed(c, b, T, full, so, dt, device) > avail) b /= 2;
+    if (bytes_needed(c, b, T, full, so, dt, device) <= avail)
       msg += "; even --recompute full needs " + format_bytes(need_full) + "; --batch " +
              std::to_string(b) + " with --recompute full fits";
     else
@@ -154,11 +168,11 @@ void check_writable(const std::string& path, const std::string& what) {
   if (!existed) std::remove(path.c_str());
 }
 
-std::string json_num(double x) {
-  if (!std::isfinite(x)) return "null";
-  char b[64];
-  std::snprintf(b, sizeof b, "%.9g", x);
-  return b;
+// One --log line: a JSON object (non-finite numbers are written as null).
+void log_line(FILE* log, const nlohmann::ordered_json& j) {
+  const std::string s = j.dump() + "\n";
+  std::fwrite(s.data(), 1, s.size(), log);
+  std::fflush(log);
 }
 
 }  // namespace
@@ -210,6 +224,14 @@ int cmd_train(int argc, const char* const* argv) {
       .add("recompute", "none",
            "checkpoint policy: none, selective, attention, full, every:K, budget:BYTES, "
            "kind lists like ln1+gelu, per-block overrides ',A-B=POLICY'")
+      .add("offload", "none",
+           "tensors kept in host memory between forward and backward: input (each block's "
+           "input), slot names (see remat plan), joined by '+', e.g. input+qkv; bitwise like "
+           "keeping them")
+      .flag("offload-optimizer",
+            "keep the fp32 master weights and AdamW moments in pinned host memory (CUDA: the "
+            "update reads and writes them across PCIe; the CPU backend's are host memory "
+            "anyway); bitwise the same training")
       .flag("grad-checkpoint",
             "recompute every block's activations but its input: the same as --recompute full "
             "(Hugging Face's gradient_checkpointing=True)")
@@ -315,8 +337,10 @@ int cmd_train(int argc, const char* const* argv) {
   ScheduleOptions so;
   so.lookahead = o.get_count("lookahead");
   so.verify_recompute = o.get_bool("verify-recompute");
+  so.offload_optimizer = o.get_bool("offload-optimizer");
   const std::string policy = recompute_policy(o);
   Plan plan = make_plan(policy, c, B, T, be.dtype(), so, CostModel{});
+  apply_offload(plan, o.get("offload"));
   check_fits_in_memory(c, B, T, plan, so, policy, be);
   if (params.empty()) {
     params.resize(num_params(c));
@@ -337,9 +361,9 @@ int cmd_train(int argc, const char* const* argv) {
     const std::string what = e.what();
     if (what.find("out of memory") == std::string::npos) throw;
     throw Error(what + "\n  while setting up --recompute " + policy + " (" +
-                format_bytes(bytes_needed(c, B, T, plan, so, be.dtype())) +
+                format_bytes(bytes_needed(c, B, T, plan, so, be.dtype(), true)) +
                 " planned); --recompute full needs " +
-                format_bytes(bytes_needed(c, B, T, parse_plan("full", c), so, be.dtype())) +
+                format_bytes(bytes_needed(c, B, T, parse_plan("full", c), so, be.dtype(), true)) +
                 ", or give --recompute budget:BYTES with what is free");
   }
   Trainer& tr = *trainer;
@@ -441,7 +465,7 @@ int cmd_train(int argc, const char* const* argv) {
     float vl = tr.evaluate(*val, eval_batches);
     std::printf("step %lld/%d | val loss %.4f\n", (long long)step, steps, vl);
     if (log)
-      std::fprintf(log, "{\"step\":%lld,\"val_loss\":%s}\n", (long long)step, json_num(vl).c_str());
+      log_line(log, {{"step", step}, {"val_loss", vl}});
   };
   auto do_sample = [&](int64_t step) {
     if (sample_n <= 0) return;
@@ -467,6 +491,7 @@ int cmd_train(int argc, const char* const* argv) {
     if (traced) {
       tracer->attach(tr.runner().main_stream());
       tracer->attach(tr.runner().side_stream());
+      tracer->attach(tr.runner().copy_stream());
       tracer->attach_arena(&tr.runner().arena());
     }
     auto t0 = std::chrono::steady_clock::now();
@@ -489,14 +514,15 @@ int cmd_train(int argc, const char* const* argv) {
         (long long)s, steps, r.loss, r.grad_norm, r.lr, ms, total / (ms / 1000.0),
         format_bytes(peak).c_str(), r.skipped ? " | SKIPPED" : "");
     if (log) {
-      std::fprintf(
-          log,
-          "{\"step\":%lld,\"loss\":%s,\"grad_norm\":%s,\"lr\":%s,\"ms\":%.3f,\"tokens_per_s\":%.1f,"
-          "\"peak_bytes\":%llu,\"activation_peak_bytes\":%llu,\"skipped\":%s}\n",
-          (long long)s, json_num(r.loss).c_str(), json_num(r.grad_norm).c_str(),
-          json_num(r.lr).c_str(), ms, total / (ms / 1000.0), (unsigned long long)peak,
-          (unsigned long long)tr.runner().stats().peak_by_usage[0], r.skipped ? "true" : "false");
-      std::fflush(log);
+      log_line(log, {{"step", s},
+                     {"loss", r.loss},
+                     {"grad_norm", r.grad_norm},
+                     {"lr", r.lr},
+                     {"ms", ms},
+                     {"tokens_per_s", total / (ms / 1000.0)},
+                     {"peak_bytes", peak},
+                     {"activation_peak_bytes", tr.runner().stats().peak_by_usage[0]},
+                     {"skipped", r.skipped}});
     }
     if (traced && s == trace_last) finish_trace();
     std::fflush(stdout);

@@ -29,7 +29,8 @@ ModelRunner::ModelRunner(const ModelConfig& c, int B, int T, Plan plan, ActDType
     : Executor(model_program(c, B, T), std::move(plan), dtype, opt, dry, backend), B_(B), T_(T) {}
 
 MemoryReport memory_report(const ModelConfig& c, int B, int T, const Plan& plan, ActDType dt,
-                           const ArenaStats& st, const CostModel& m, const ArenaStats* host) {
+                           const ArenaStats& st, const CostModel& m, const ArenaStats* host,
+                           bool optimizer_on_host) {
   MemoryReport r;
   const uint64_t P = num_params(c);
   if (dt == ActDType::kBF16) {
@@ -48,6 +49,16 @@ MemoryReport memory_report(const ModelConfig& c, int B, int T, const Plan& plan,
   r.device_total_bytes = r.total_bytes;
   if (host) r.host_activation_peak = host->extent_peak;
   r.host_total_bytes = r.host_activation_peak;
+  r.optimizer_on_host = optimizer_on_host;
+  if (optimizer_on_host) {
+    // Master weights and moments move to the host; fp32 training then keeps a separate
+    // device copy of the weights (the kernels' operand).
+    r.device_total_bytes -= r.optimizer_bytes;
+    r.host_total_bytes += r.optimizer_bytes + (dt == ActDType::kFP32 ? 4 * P : 0);
+    if (dt == ActDType::kFP32) r.optimizer_bytes += 4 * P;
+    r.optimizer_link_bytes = 2 * r.optimizer_bytes;
+    r.optimizer_link_seconds = double(r.optimizer_link_bytes) / m.link_bytes_per_s;
+  }
   r.activation_peak_in_phase = st.activation_peak_in_phase;
   const RecomputeCost rc = recompute_cost(*model_program(c, B, T), plan, act_bytes(dt), m);
   r.recompute_flops = rc.flops;

@@ -43,6 +43,9 @@ struct MemoryReport {
   uint64_t params_bytes = 0;  // working weights (bf16 copy on CUDA bf16; fp32 otherwise)
   uint64_t grads_bytes = 0;
   uint64_t optimizer_bytes = 0;  // AdamW m, v (+ fp32 master weights when params are bf16)
+  bool optimizer_on_host = false;  // --offload-optimizer: optimizer_bytes are host memory
+  uint64_t optimizer_link_bytes = 0;  // per step: the update reads and writes them across the link
+  double optimizer_link_seconds = 0;
   uint64_t activation_peak = 0;  // high-water of activations in the arena
   uint64_t workspace_peak = 0;   // high-water of activation gradients and scratch
   uint64_t arena_peak = 0;       // high-water of both together (the reservation)
@@ -59,7 +62,7 @@ struct MemoryReport {
 };
 MemoryReport memory_report(const ModelConfig& c, int B, int T, const Plan& plan, ActDType dt,
                            const ArenaStats& stats, const CostModel& m,
-                           const ArenaStats* host_stats = nullptr);
+                           const ArenaStats* host_stats = nullptr, bool optimizer_on_host = false);
 
 // Activation peak of a plan by the dry run (the planner's peak_of).
 uint64_t dry_run_activation_peak(const ModelConfig& c, int B, int T, const Plan& plan, ActDType dt,

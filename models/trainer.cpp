@@ -49,12 +49,21 @@ Trainer::Trainer(const ModelConfig& c, int B, int T, int accum, const Hyper& h, 
     return;
   }
   const size_t es = be_->elem_bytes();
-  master_ = static_cast<float*>(be_->alloc(n_ * 4, "master weights"));
-  m_dev_ = static_cast<float*>(be_->alloc(n_ * 4, "AdamW first moments"));
-  v_dev_ = static_cast<float*>(be_->alloc(n_ * 4, "AdamW second moments"));
+  // --offload-optimizer: the fp32 master weights and moments live in pinned host memory,
+  // which the update kernel reads and writes across the link (the same kernel on the same
+  // values: bitwise the update of device-resident state); working weights and gradients stay.
+  offload_optimizer_ = sched.offload_optimizer;
+  auto state_alloc = [&](const char* what) {
+    return static_cast<float*>(offload_optimizer_ ? be_->alloc_host(n_ * 4)
+                                                  : be_->alloc(n_ * 4, what));
+  };
+  master_ = state_alloc("master weights");
+  m_dev_ = state_alloc("AdamW first moments");
+  v_dev_ = state_alloc("AdamW second moments");
   grads_dev_ = be_->alloc(n_ * es, "gradients");
-  weights_ = be_->dtype() == ActDType::kFP32 ? static_cast<void*>(master_)
-                                             : be_->alloc(n_ * es, "working weights");
+  weights_ = be_->dtype() == ActDType::kFP32 && !offload_optimizer_
+                 ? static_cast<void*>(master_)
+                 : be_->alloc(n_ * es, "working weights");
   TrainState s;
   s.params = std::move(params);
   load_weights_and_moments(s);
@@ -65,9 +74,12 @@ Trainer::~Trainer() {
   if (on_host()) return;
   if (weights_ != master_) be_->release(weights_);
   be_->release(grads_dev_);
-  be_->release(v_dev_);
-  be_->release(m_dev_);
-  be_->release(master_);
+  for (float* p : {v_dev_, m_dev_, master_}) {
+    if (offload_optimizer_)
+      be_->release_host(p);
+    else
+      be_->release(p);
+  }
 }
 
 void Trainer::load_weights_and_moments(const TrainState& s) {
@@ -88,23 +100,38 @@ void Trainer::load_weights_and_moments(const TrainState& s) {
     weights_ = params_.data();
     return;
   }
-  be_->upload(master_, s.params.data(), n_ * 4);
+  put_state(master_, s.params.data());
   if (weights_ != master_) be_->upload_elems(weights_, s.params.data(), n_);
   if (s.m.empty()) {
     const std::vector<float> zeros(n_, 0.0f);
-    be_->upload(m_dev_, zeros.data(), n_ * 4);
-    be_->upload(v_dev_, zeros.data(), n_ * 4);
+    put_state(m_dev_, zeros.data());
+    put_state(v_dev_, zeros.data());
   } else {
-    be_->upload(m_dev_, s.m.data(), n_ * 4);
-    be_->upload(v_dev_, s.v.data(), n_ * 4);
+    put_state(m_dev_, s.m.data());
+    put_state(v_dev_, s.v.data());
   }
+}
+
+// The fp32 optimizer state (n floats) in and out of where it lives: device memory, or with
+// --offload-optimizer pinned host memory (a plain copy once the streams are idle).
+void Trainer::put_state(float* dst, const float* host) {
+  if (offload_optimizer_)
+    std::memcpy(dst, host, n_ * 4);
+  else
+    be_->upload(dst, host, n_ * 4);
+}
+void Trainer::get_state(float* host, const float* src) {
+  if (offload_optimizer_)
+    std::memcpy(host, src, n_ * 4);
+  else
+    be_->download(host, src, n_ * 4);
 }
 
 const std::vector<float>& Trainer::params() {
   runner_.main_stream()->synchronize();
   if (!on_host()) {
     params_.resize(n_);
-    be_->download(params_.data(), master_, n_ * 4);
+    get_state(params_.data(), master_);
   }
   return params_;
 }
@@ -189,8 +216,8 @@ TrainState Trainer::state(const DataLoader& data) {
   } else {
     s.m.resize(n_);
     s.v.resize(n_);
-    be_->download(s.m.data(), m_dev_, n_ * 4);
-    be_->download(s.v.data(), v_dev_, n_ * 4);
+    get_state(s.m.data(), m_dev_);
+    get_state(s.v.data(), v_dev_);
   }
   s.loader = data.state();
   return s;

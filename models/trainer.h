@@ -74,6 +74,8 @@ class Trainer {
   bool on_host() const { return be_ == cpu_backend(); }
   // Weights (master and working copy) and moments from s (moments zero when s has none).
   void load_weights_and_moments(const TrainState& s);
+  void put_state(float* dst, const float* host);
+  void get_state(float* host, const float* src);
 
   ModelConfig c_;
   int B_, T_, accum_;
@@ -87,6 +89,7 @@ class Trainer {
   // CPU these point into the vectors above and weights == master.
   float *master_ = nullptr, *m_dev_ = nullptr, *v_dev_ = nullptr;
   void *weights_ = nullptr, *grads_dev_ = nullptr;
+  bool offload_optimizer_ = false;  // master_, m_dev_, v_dev_ are pinned host memory
   std::vector<int> inputs_, targets_;
   int64_t step_ = 0;
   int64_t nan_first_ = -1, nan_last_ = -2;

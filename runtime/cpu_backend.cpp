@@ -382,10 +382,16 @@ class CpuBackend final : public Backend {
     s->synchronize();
     return out;
   }
-  void adamw(Stream* s, float* master, float* m, float* v, const void* grads, void* /*params*/,
+  void adamw(Stream* s, float* master, float* m, float* v, const void* grads, void* params,
              size_t n, const cpu::AdamWParams& p) override {
     compute(
-        s, [=] { cpu::adamw_update(master, m, v, F(grads), n, p); }, "optimizer.adamw");
+        s,
+        [=] {
+          cpu::adamw_update(master, m, v, F(grads), n, p);
+          // A separate working copy (fp32: the same values).
+          if (params && params != master) std::memcpy(params, master, n * sizeof(float));
+        },
+        "optimizer.adamw");
   }
 };
 

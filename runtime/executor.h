@@ -39,6 +39,9 @@ struct ScheduleOptions {
   int lookahead = 1;              // blocks the side stream rebuilds ahead of the backward pass
   bool verify_recompute = false;  // keep originals, compare every recomputed tensor bit for bit
   int classifier_chunk = 0;       // rows per classifier chunk; 0 = automatic (64 MiB of logits)
+  // For the trainer, not the executor: fp32 master weights and AdamW moments in the backend's
+  // (pinned, device-visible) host memory instead of device memory (--offload-optimizer).
+  bool offload_optimizer = false;
   // Test-only: the main stream does not wait for the recompute-ready event (a missing event),
   // and the side stream sleeps this long before each block's recompute (CPU backend; on CUDA
   // the sleep holds the one host thread that enqueues for both streams, so it delays all).

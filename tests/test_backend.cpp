@@ -275,7 +275,8 @@ INSTANTIATE_TEST_SUITE_P(Policies, BackendContract,
 // (the CUDA layout: master, moments, working weights, gradients), uploaded and downloaded
 // through the backend. Over the CPU kernels that path must give the CPU path's bits, and a
 // state saved from it and restored must continue bit for bit.
-TEST(BackendTrainer, DevicePathEqualsHostPathAndResumesBitForBit) {
+// The device path with `so` (and --offload `offload`) against the host path with neither.
+void check_device_path(const ScheduleOptions& so, const std::string& offload) {
   test::TempDir dir;
   const ModelConfig c = test::tiny_config(2);
   test::write_random_shard(dir / "d.bin", 3000, c.vocab_size, 6);
@@ -283,10 +284,14 @@ TEST(BackendTrainer, DevicePathEqualsHostPathAndResumesBitForBit) {
   h.lr = 3e-3f;
   h.weight_decay = 0.1f;
   h.total_steps = 6;
-  const Plan plan = parse_plan("full", c);
+  const Plan host_plan = parse_plan("full", c);
+  Plan plan = host_plan;
+  apply_offload(plan, offload);
   auto run = [&](Backend* be, int steps, std::vector<float>* losses) {
     DataLoader data(dir / "d.bin", 2, 8, c.vocab_size, true, 3);
-    auto tr = std::make_unique<Trainer>(c, 2, 8, 1, h, plan, ScheduleOptions{}, test::init(c), be);
+    const bool host = be == cpu_backend();
+    auto tr = std::make_unique<Trainer>(c, 2, 8, 1, h, host ? host_plan : plan,
+                                        host ? ScheduleOptions{} : so, test::init(c), be);
     for (int s = 0; s < steps; s++) losses->push_back(tr->step(data).loss);
     return std::make_pair(std::move(tr), data.state());
   };
@@ -307,7 +312,7 @@ TEST(BackendTrainer, DevicePathEqualsHostPathAndResumesBitForBit) {
   auto part = run(&be2, 3, &first3);
   const TrainState st = part.first->state(DataLoader(dir / "d.bin", 2, 8, c.vocab_size, true, 3));
   CheckingBackend be3;
-  Trainer resumed(c, 2, 8, 1, h, plan, ScheduleOptions{}, test::init(c, 99), &be3);
+  Trainer resumed(c, 2, 8, 1, h, plan, so, test::init(c, 99), &be3);
   resumed.restore(st);
   DataLoader data(dir / "d.bin", 2, 8, c.vocab_size, true, 3);
   data.restore(part.second);
@@ -316,6 +321,18 @@ TEST(BackendTrainer, DevicePathEqualsHostPathAndResumesBitForBit) {
   for (int s = 0; s < 3; s++) EXPECT_EQ(rest[s], dev_losses[3 + s]) << "resumed step " << 3 + s;
   const std::vector<float> rp = resumed.params();
   EXPECT_EQ(std::memcmp(rp.data(), dp.data(), dp.size() * 4), 0) << "resumed weights differ";
+}
+
+TEST(BackendTrainer, DevicePathEqualsHostPathAndResumesBitForBit) {
+  check_device_path(ScheduleOptions{}, "none");
+}
+
+// --offload-optimizer (master weights and moments in the backend's host memory) and --offload
+// input on the device path: bitwise the host path, and a resume continues bit for bit.
+TEST(BackendTrainer, OffloadedOptimizerAndInputsEqualHostPathAndResumeBitForBit) {
+  ScheduleOptions so;
+  so.offload_optimizer = true;
+  check_device_path(so, "input");
 }
 
 TEST(BackendChoice, AutoFallsBackToTheCpuAndSaysWhy) {

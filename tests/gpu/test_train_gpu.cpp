@@ -47,7 +47,8 @@ struct TrainRun {
 };
 
 TrainRun train(Backend* be, const std::string& shard, const std::string& policy, int steps,
-               bool verify = false) {
+               bool verify = false, const std::string& offload = "none",
+               bool offload_optimizer = false) {
   const ModelConfig c = gpu_config();
   const int B = 3, T = 37;
   DataLoader data(shard, B, T, c.vocab_size, false, 5);
@@ -56,7 +57,10 @@ TrainRun train(Backend* be, const std::string& shard, const std::string& policy,
   h.total_steps = steps;
   ScheduleOptions so;
   so.verify_recompute = verify;
-  Trainer tr(c, B, T, 1, h, parse_plan(policy, c), so, test::init(c, 3), be);
+  so.offload_optimizer = offload_optimizer;
+  Plan plan = parse_plan(policy, c);
+  apply_offload(plan, offload);
+  Trainer tr(c, B, T, 1, h, plan, so, test::init(c, 3), be);
   TrainRun r;
   for (int s = 0; s < steps; s++) {
     const StepResult sr = tr.step(data);
@@ -142,6 +146,33 @@ TEST_F(GpuTrain, EveryPresetIsBitwiseEqualToNone) {
           << dtype_name(dt) << " " << p << ": weights differ from none";
       EXPECT_LT(r.arena_peak, none.arena_peak) << p << " should store less than none";
     }
+  }
+}
+
+// Offloaded activations (pinned host arena, copy stream) and optimizer state (pinned host
+// memory the update kernel reads across PCIe) train bitwise like keeping them on the device.
+TEST_F(GpuTrain, OffloadIsBitwiseEqualToNone) {
+  REMAT_REQUIRE_GPU();
+  for (ActDType dt : {ActDType::kBF16, ActDType::kFP32}) {
+    auto be = make_cuda_backend(dt);
+    const TrainRun none = train(be.get(), shard(), "none", 4);
+    struct Case {
+      const char* recompute;
+      const char* offload;
+      bool optimizer;
+    };
+    for (const Case& k : {Case{"none", "input+qkv", false}, Case{"full", "input", false},
+                          Case{"selective", "input+attn", true}, Case{"none", "none", true}}) {
+      const std::string what = std::string(dtype_name(dt)) + " " + k.recompute + " offload " +
+                               k.offload + (k.optimizer ? " + optimizer" : "");
+      const TrainRun r = train(be.get(), shard(), k.recompute, 4, false, k.offload, k.optimizer);
+      EXPECT_EQ(std::memcmp(r.losses.data(), none.losses.data(), r.losses.size() * 4), 0)
+          << what << ": losses differ from none";
+      EXPECT_EQ(std::memcmp(r.params.data(), none.params.data(), r.params.size() * 4), 0)
+          << what << ": weights differ from none";
+    }
+    TrainRun v;
+    ASSERT_NO_THROW(v = train(be.get(), shard(), "full", 2, /*verify=*/true, "input"));
   }
 }
 
