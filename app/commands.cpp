@@ -39,6 +39,21 @@ ModelChoice choose_model(const std::string& model, int vocab, bool want_params) 
   return m;
 }
 
+CostModel cost_model_for(ActDType dt, double link_gbps) {
+  CostModel m;
+  if (dt == ActDType::kBF16) {
+    m.flops_per_s = 798e12;
+    m.bytes_per_s = 3.0e12;
+    m.link_bytes_per_s = 25e9;  // PCIe host <-> device, as copies reach in practice
+  } else {
+    m.flops_per_s = 1e11;
+    m.bytes_per_s = 2e10;
+  }
+  REMAT_REQUIRE(link_gbps >= 0, "--link-gbps must be >= 0");
+  if (link_gbps > 0) m.link_bytes_per_s = link_gbps * 1e9;
+  return m;
+}
+
 std::string model_option_help() {
   std::string presets;
   for (auto& n : preset_names()) presets += (presets.empty() ? "" : ", ") + n;

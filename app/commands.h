@@ -8,6 +8,7 @@
 
 #include "app/cli.h"
 #include "io/config.h"
+#include "runtime/executor.h"
 
 namespace remat {
 
@@ -35,6 +36,9 @@ struct ModelChoice {
   bool from_file = false;
 };
 ModelChoice choose_model(const std::string& model, int vocab, bool want_params);
+// The device a plan's cost model assumes: bf16 is the CUDA backend (H100-class compute and
+// memory bandwidth, 25 GB/s to the host), fp32 the CPU's; link_gbps > 0 overrides the link.
+CostModel cost_model_for(ActDType dt, double link_gbps = 0);
 // The --model help line.
 std::string model_option_help();
 

@@ -12,25 +12,13 @@
 #include "io/params.h"
 #include "models/model.h"
 #include "models/trainer.h"
+#include "runtime/fit.h"
 
 namespace remat {
 
 // The cost model the planner assumes: bf16 sizes are for the CUDA backend on an H100
 // (bf16 dense GEMM ceiling 798 TFLOP/s and about 3.0 TB/s copy bandwidth, measured ceilings
 // in shared/ANCHORS.md); fp32 sizes for the CPU backend on a 2-core host.
-CostModel cost_model_for(ActDType dt) {
-  CostModel m;
-  if (dt == ActDType::kBF16) {
-    m.flops_per_s = 798e12;
-    m.bytes_per_s = 3.0e12;
-    m.link_bytes_per_s = 25e9;  // PCIe host <-> device, as copies reach in practice
-  } else {
-    m.flops_per_s = 1e11;
-    m.bytes_per_s = 2e10;
-  }
-  return m;
-}
-
 int cmd_plan(int argc, const char* const* argv) {
   Options o("plan",
             "Print the memory plan of a training run without running it: parameters, gradients,\n"
@@ -43,6 +31,15 @@ int cmd_plan(int argc, const char* const* argv) {
       .add("recompute", "none", "checkpoint policy (see remat train --help)")
       .add("offload", "none", "tensors kept in host memory (see remat train --help)")
       .flag("offload-optimizer", "fp32 master weights and AdamW moments in pinned host memory")
+      .add("link-gbps", "0",
+           "host <-> device bandwidth the offload model assumes, GB/s (0: 25 for bf16/CUDA, "
+           "10 for the CPU backend's copy thread)")
+      .flag("max-batch",
+            "print, per policy, the largest micro-batch whose device total fits --device-memory")
+      .add("device-memory", "", "BYTES for --max-batch (e.g. 24GiB)")
+      .add("fit", "",
+           "BYTES (e.g. 16GiB): choose recompute, offload and optimizer offload for the least "
+           "modelled step time whose device total fits (instead of the three options above)")
       .flag("grad-checkpoint",
             "the same as --recompute full (Hugging Face's gradient_checkpointing=True)")
       .add("dtype", "bf16", "activation type: bf16 (CUDA) or fp32")
@@ -67,13 +64,90 @@ int cmd_plan(int argc, const char* const* argv) {
   const ActDType dt = dts == "bf16" ? ActDType::kBF16 : ActDType::kFP32;
   ScheduleOptions so;
   so.lookahead = o.get_count("lookahead");
-  const CostModel cm = cost_model_for(dt);
-  Plan plan = make_plan(recompute_policy(o), c, B, T, dt, so, cm);
-  apply_offload(plan, o.get("offload"));
+  const CostModel cm = cost_model_for(dt, o.get_double("link-gbps"));
+  if (o.get_bool("max-batch")) {
+    REMAT_REQUIRE(!o.get("device-memory").empty(), "--max-batch needs --device-memory BYTES");
+    const uint64_t mem = parse_bytes(o.get("device-memory"));
+    struct Policy {
+      const char* recompute;
+      const char* offload;
+      bool optimizer;
+      const char* name;
+    };
+    const Policy policies[] = {
+        {"none", "none", false, "none"},
+        {"selective", "none", false, "selective"},
+        {"full", "none", false, "full"},
+        {"full", "input", false, "full + input offload"},
+        {"full", "input", true, "full + input offload + optimizer offload"}};
+    auto device_bytes = [&](const Policy& p, int b) {
+      auto prog = model_program(c, b, T);
+      Plan q = parse_plan(p.recompute, plan_schema(*prog));
+      apply_offload(q, p.offload);
+      return evaluate_choice(q, p.optimizer, prog, dt, so, cm).device_bytes;
+    };
+    nlohmann::ordered_json rows = nlohmann::ordered_json::array();
+    if (!o.get_bool("json"))
+      std::printf("largest micro-batch at T=%d, %s, within %s of device memory:\n", T,
+                  dts.c_str(), format_bytes(mem).c_str());
+    for (const Policy& p : policies) {
+      int lo = 0, hi = 1;  // lo fits (0: nothing does), hi is the next to try
+      while (hi <= (1 << 20) && device_bytes(p, hi) <= mem) {
+        lo = hi;
+        hi *= 2;
+      }
+      while (hi - lo > 1) {
+        const int mid = lo + (hi - lo) / 2;
+        (device_bytes(p, mid) <= mem ? lo : hi) = mid;
+      }
+      const uint64_t used = lo > 0 ? device_bytes(p, lo) : 0;
+      if (o.get_bool("json"))
+        rows.push_back({{"policy", p.name}, {"max_batch", lo}, {"device_total_bytes", used}});
+      else
+        std::printf("  %-42s %6d%s\n", p.name, lo,
+                    lo > 0 ? ("   (device total " + format_bytes(used) + ")").c_str()
+                           : "   (does not fit at B=1)");
+    }
+    if (o.get_bool("json")) {
+      nlohmann::ordered_json j;
+      j["model"] = model;
+      j["seq"] = T;
+      j["dtype"] = dts;
+      j["device_memory_bytes"] = mem;
+      j["max_batch"] = std::move(rows);
+      std::printf("%s\n", j.dump().c_str());
+    }
+    return 0;
+  }
+  Plan plan;
+  bool offload_optimizer = o.get_bool("offload-optimizer");
+  std::string fit_note;
+  if (!o.get("fit").empty()) {
+    REMAT_REQUIRE(!o.given("recompute") && !o.given("offload") && !offload_optimizer &&
+                      !o.get_bool("grad-checkpoint"),
+                  "--fit chooses --recompute, --offload and --offload-optimizer itself: give "
+                  "either --fit or those");
+    const uint64_t budget = parse_bytes(o.get("fit"));
+    const FitChoice f = fit_plan(budget, model_program(c, B, T), dt, so, cm);
+    plan = f.plan;
+    offload_optimizer = f.offload_optimizer;
+    char line[256];
+    std::snprintf(line, sizeof line,
+                  "fit %s: chose %s (device %s, modelled step %.1f ms: recompute %.1f, exposed "
+                  "copies %.1f, optimizer link %.1f)\n",
+                  format_bytes(budget).c_str(), f.describe().c_str(),
+                  format_bytes(f.device_bytes).c_str(), 1e3 * f.seconds(),
+                  1e3 * f.recompute_seconds, 1e3 * f.exposed_copy_seconds,
+                  1e3 * f.optimizer_link_seconds);
+    fit_note = line;
+  } else {
+    plan = make_plan(recompute_policy(o), c, B, T, dt, so, cm);
+    apply_offload(plan, o.get("offload"));
+  }
   ModelRunner dry(c, B, T, plan, dt, so, /*dry=*/true);
   dry.forward_backward(nullptr, nullptr, nullptr, nullptr, 1.0f);
-  MemoryReport r = memory_report(c, B, T, plan, dt, dry.stats(), cm, &dry.host_stats(),
-                                 o.get_bool("offload-optimizer"));
+  MemoryReport r =
+      memory_report(c, B, T, plan, dt, dry.stats(), cm, &dry.host_stats(), offload_optimizer);
   const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
 
   const Program& prog = dry.program();
@@ -133,6 +207,7 @@ int cmd_plan(int argc, const char* const* argv) {
   else
     std::printf("model %s: L=%d C=%d NH=%d V=%d, %.1fM parameters\n", model.c_str(),
                 c.num_layers, c.channels, c.num_heads, c.vocab_size, num_params(c) / 1e6);
+  std::printf("%s", fit_note.c_str());
   std::printf("run: B=%d T=%d, %s activations, lookahead %d, recompute %s%s\n\n", B, T,
               dts.c_str(), so.lookahead, plan.spec.c_str(),
               plan.offload_spec.empty() ? "" : (", offload " + plan.offload_spec).c_str());

@@ -28,6 +28,7 @@
 #include "models/trainer.h"
 #include "profiling/overlap.h"
 #include "profiling/tracer.h"
+#include "runtime/fit.h"
 #include "runtime/plan.h"
 
 namespace remat {
@@ -232,6 +233,12 @@ int cmd_train(int argc, const char* const* argv) {
             "keep the fp32 master weights and AdamW moments in pinned host memory (CUDA: the "
             "update reads and writes them across PCIe; the CPU backend's are host memory "
             "anyway); bitwise the same training")
+      .add("fit", "",
+           "BYTES or auto (the device's free memory less 5%, at least 256 MiB): choose "
+           "--recompute, --offload and --offload-optimizer for the least modelled step time "
+           "whose device total fits")
+      .add("link-gbps", "0", "host <-> device bandwidth the offload model assumes, GB/s (0: 25 "
+                             "on CUDA, 10 for the CPU backend's copy thread)")
       .flag("grad-checkpoint",
             "recompute every block's activations but its input: the same as --recompute full "
             "(Hugging Face's gradient_checkpointing=True)")
@@ -338,9 +345,40 @@ int cmd_train(int argc, const char* const* argv) {
   so.lookahead = o.get_count("lookahead");
   so.verify_recompute = o.get_bool("verify-recompute");
   so.offload_optimizer = o.get_bool("offload-optimizer");
-  const std::string policy = recompute_policy(o);
-  Plan plan = make_plan(policy, c, B, T, be.dtype(), so, CostModel{});
-  apply_offload(plan, o.get("offload"));
+  const CostModel cm = cost_model_for(be.dtype(), o.get_double("link-gbps"));
+  std::string policy = recompute_policy(o);
+  Plan plan;
+  if (!o.get("fit").empty()) {
+    REMAT_REQUIRE(!o.given("recompute") && !o.given("offload") && !so.offload_optimizer &&
+                      !o.get_bool("grad-checkpoint"),
+                  "--fit chooses --recompute, --offload and --offload-optimizer itself: give "
+                  "either --fit or those");
+    uint64_t budget = 0;
+    if (o.get("fit") == "auto") {
+      const uint64_t avail = be.available_bytes();
+      REMAT_REQUIRE(avail > 0, "--fit auto: the backend does not say how much memory is free; "
+                               "give --fit BYTES");
+      // The margin: 5% of what is free, at least 256 MiB (allocator slack, other users).
+      const uint64_t margin = std::max<uint64_t>(avail / 20, 256ull << 20);
+      REMAT_REQUIRE(avail > margin, "--fit auto: only " + format_bytes(avail) + " is free");
+      budget = avail - margin;
+      std::printf("fit auto: %s free less a margin of %s\n", format_bytes(avail).c_str(),
+                  format_bytes(margin).c_str());
+    } else {
+      budget = parse_bytes(o.get("fit"));
+    }
+    const FitChoice f = fit_plan(budget, model_program(c, B, T), be.dtype(), so, cm);
+    plan = f.plan;
+    so.offload_optimizer = f.offload_optimizer;
+    policy = plan.spec;
+    std::printf("fit %s: chose %s (device %s, host %s, modelled step %.1f ms)\n",
+                format_bytes(budget).c_str(), f.describe().c_str(),
+                format_bytes(f.device_bytes).c_str(), format_bytes(f.host_bytes).c_str(),
+                1e3 * f.seconds());
+  } else {
+    plan = make_plan(policy, c, B, T, be.dtype(), so, cm);
+    apply_offload(plan, o.get("offload"));
+  }
   check_fits_in_memory(c, B, T, plan, so, policy, be);
   if (params.empty()) {
     params.resize(num_params(c));
@@ -430,8 +468,9 @@ int cmd_train(int argc, const char* const* argv) {
     if (!tracer || traced_steps == 0) return;
     const std::string report_path = overlap_report_path(trace_path);
     tracer->write_chrome_json(trace_path);
-    const OverlapReport rep = overlap_report(tracer->data(), tr.runner().main_stream()->id(),
-                                             tr.runner().side_stream()->id());
+    const OverlapReport rep =
+        overlap_report(tracer->data(), tr.runner().main_stream()->id(),
+                       tr.runner().side_stream()->id(), {tr.runner().copy_stream()->id()});
     FILE* f = std::fopen(report_path.c_str(), "wb");
     REMAT_REQUIRE(f, report_path + ": cannot write the overlap report: " + std::strerror(errno));
     const std::string js = to_json(rep);

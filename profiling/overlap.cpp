@@ -71,7 +71,8 @@ double num(double x) {
 
 }  // namespace
 
-OverlapReport overlap_report(const TraceData& d, int main_id, int side_id) {
+OverlapReport overlap_report(const TraceData& d, int main_id, int side_id,
+                             const std::vector<int>& lane_ids) {
   OverlapReport r;
   auto name_of = [&](int id) {
     auto it = d.stream_names.find(id);
@@ -123,6 +124,24 @@ OverlapReport overlap_report(const TraceData& d, int main_id, int side_id) {
   window = normalize(window);
 
   r.step_ms = r.steps ? ms(step_sum) / r.steps : 0.0;
+  for (int id : lane_ids) {
+    OverlapReport::Lane lane;
+    lane.stream = name_of(id);
+    IntervalSet ops;
+    int64_t exposed_ns = 0;
+    for (const TraceRecord& t : d.records) {
+      if (t.op.stream_id == id && !t.is_wait()) ops.push_back(span_of(t));
+      if (t.op.stream_id == main_id && t.is_wait() && t.waited_stream == id) {
+        exposed_ns += t.op.end_ns - t.op.start_ns;
+        lane.exposed_waits++;
+      }
+    }
+    lane.busy_ms = ms(intersection_length(ops, window));
+    lane.overlapped_ms = ms(intersection_length(intersect(ops, window), m_ops));
+    lane.hidden_fraction = lane.busy_ms > 0 ? lane.overlapped_ms / lane.busy_ms : 0.0;
+    lane.exposed_ms = ms(exposed_ns);
+    r.lanes.push_back(lane);
+  }
   r.window_ms = ms(union_length(window));
   r.main_busy_ms = ms(intersection_length(m_ops, window));
   r.main_wait_ms = ms(intersection_length(m_wait, window));
@@ -191,6 +210,16 @@ std::string to_json(const OverlapReport& r) {
                       {"exposed_ms", num(b.exposed_ms)}});
   }
   j["blocks"] = std::move(blocks);
+  nlohmann::ordered_json lanes = nlohmann::ordered_json::array();
+  for (const OverlapReport::Lane& l : r.lanes) {
+    lanes.push_back({{"stream", l.stream},
+                     {"busy_ms", num(l.busy_ms)},
+                     {"overlapped_ms", num(l.overlapped_ms)},
+                     {"hidden_fraction", num(l.hidden_fraction)},
+                     {"exposed_ms", num(l.exposed_ms)},
+                     {"exposed_waits", l.exposed_waits}});
+  }
+  j["lanes"] = std::move(lanes);
   return j.dump(2, ' ', false, nlohmann::ordered_json::error_handler_t::replace) + "\n";
 }
 
@@ -216,6 +245,12 @@ void print(const OverlapReport& r, std::FILE* out) {
                    b.exposed_ms);
     std::fprintf(out, "; outside blocks %.1f exposed\n", r.exposed_outside_blocks_ms);
   }
+  for (const OverlapReport::Lane& l : r.lanes)
+    std::fprintf(out,
+                 "  stream '%s'  busy %.3f ms, %.3f ms (%.1f%%) under main-stream work, "
+                 "exposed %.3f ms (%d waits)\n",
+                 l.stream.c_str(), l.busy_ms, l.overlapped_ms, 100.0 * l.hidden_fraction,
+                 l.exposed_ms, l.exposed_waits);
   std::fprintf(out, "  activation peak    forward %s | backward %s | recompute %s\n",
                format_bytes(r.activation_peak_in_phase[0]).c_str(),
                format_bytes(r.activation_peak_in_phase[1]).c_str(),

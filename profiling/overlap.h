@@ -74,10 +74,21 @@ struct OverlapReport {
   uint64_t arena_peak_bytes = 0;
   std::array<uint64_t, kNumPhases> activation_peak_in_phase{};
   std::vector<BlockOverlap> blocks;  // blocks with recompute, ascending
+  // Further streams beside the main stream (the offload copy stream, a communication
+  // stream), each with L its op intervals: busy |L ∩ W|, overlapped |L ∩ M_ops|, hidden
+  // overlapped / busy, and exposed: the main stream's waits on it (count and sum).
+  struct Lane {
+    std::string stream;
+    double busy_ms = 0, overlapped_ms = 0, hidden_fraction = 0, exposed_ms = 0;
+    int exposed_waits = 0;
+  };
+  std::vector<Lane> lanes;
 };
 
-// The report of a trace for the main stream `main_id` and the side stream `side_id`.
-OverlapReport overlap_report(const TraceData& d, int main_id, int side_id);
+// The report of a trace for the main stream `main_id` and the side stream `side_id`, with a
+// lane for each of `lane_ids` (streams absent from the trace give empty lanes).
+OverlapReport overlap_report(const TraceData& d, int main_id, int side_id,
+                             const std::vector<int>& lane_ids = {});
 // One JSON object with the fields above (names as in the struct).
 std::string to_json(const OverlapReport& r);
 // A few human-readable lines.

@@ -10,6 +10,7 @@
 #include "kernels/common.h"
 #include "models/model.h"
 #include "models/trainer.h"
+#include "runtime/fit.h"
 #include "tests/tiny_model.h"
 
 #if defined(__SANITIZE_THREAD__)
@@ -31,8 +32,8 @@ struct Trace {
   std::vector<float> params;              // after the last step
 };
 
-Trace train(const std::string& shard, const std::string& policy, int steps, int lookahead = 1,
-            bool verify = false, int layers = 3, const std::string& offload = "none") {
+Trace train_plan(const std::string& shard, const Plan& plan, int steps, int lookahead = 1,
+                 bool verify = false, int layers = 3, bool offload_optimizer = false) {
   ModelConfig c = tiny_config(layers);
   const int B = 2, T = 8;
   DataLoader data(shard, B, T, c.vocab_size, false, 1);
@@ -42,8 +43,7 @@ Trace train(const std::string& shard, const std::string& policy, int steps, int 
   ScheduleOptions so;
   so.lookahead = lookahead;
   so.verify_recompute = verify;
-  Plan plan = make_plan(policy, c, B, T, ActDType::kFP32, so, CostModel{});
-  apply_offload(plan, offload);
+  so.offload_optimizer = offload_optimizer;
   Trainer tr(c, B, T, 2, h, plan, so, test::init(c, 3));
   Trace t;
   for (int s = 0; s < steps; s++) {
@@ -52,6 +52,15 @@ Trace train(const std::string& shard, const std::string& policy, int steps, int 
   }
   t.params = tr.params();
   return t;
+}
+
+Trace train(const std::string& shard, const std::string& policy, int steps, int lookahead = 1,
+            bool verify = false, int layers = 3, const std::string& offload = "none") {
+  ScheduleOptions so;
+  so.lookahead = lookahead;
+  Plan plan = make_plan(policy, tiny_config(layers), 2, 8, ActDType::kFP32, so, CostModel{});
+  apply_offload(plan, offload);
+  return train_plan(shard, plan, steps, lookahead, verify, layers);
 }
 
 void expect_bitwise_equal(const Trace& a, const Trace& b, const std::string& what) {
@@ -121,6 +130,46 @@ TEST_F(Policies, VerifyRecomputeCoversFetchedTensors) {
     EXPECT_NO_THROW(train(*dir_ / "d.bin", "none", 2, 1, /*verify=*/true, 3, off));
   }
   EXPECT_NO_THROW(train(*dir_ / "d.bin", "full", 2, 1, /*verify=*/true, 3, "input"));
+}
+
+// --fit: the chosen plan's device total (state + arena peak, by a dry run) is at most the
+// budget, tighter budgets choose more recompute and offload, it trains bitwise like none, and
+// an infeasible budget names the smallest feasible one.
+TEST_F(Policies, FitPlansFitAndTrainBitwiseLikeNone) {
+  const ModelConfig c = tiny_config(3);
+  auto prog = model_program(c, 2, 8);
+  const CostModel m;
+  const FitChoice loose = fit_plan(1ull << 30, prog, ActDType::kFP32, {}, m);
+  EXPECT_FALSE(loose.plan.any_recompute());
+  EXPECT_FALSE(loose.plan.any_offload());
+  EXPECT_FALSE(loose.offload_optimizer);
+  FitChoice smallest;
+  try {
+    fit_plan(1000, prog, ActDType::kFP32, {}, m);
+    ADD_FAILURE() << "a 1000-byte device fits nothing";
+  } catch (const Error& e) {
+    const std::string msg = e.what();
+    EXPECT_NE(msg.find("smallest feasible"), std::string::npos) << msg;
+    const size_t at = msg.rfind("--fit ");
+    const uint64_t min_bytes = std::stoull(msg.substr(at + 6));
+    smallest = fit_plan(min_bytes, prog, ActDType::kFP32, {}, m);
+    EXPECT_LE(smallest.device_bytes, min_bytes);
+    EXPECT_THROW(fit_plan(min_bytes - 1, prog, ActDType::kFP32, {}, m), Error);
+  }
+  const uint64_t lo = smallest.device_bytes, hi = loose.device_bytes;
+  double last_seconds = 0;
+  for (uint64_t budget : {lo, lo + (hi - lo) / 4, lo + (hi - lo) / 2, hi}) {
+    SCOPED_TRACE(budget);
+    const FitChoice f = fit_plan(budget, prog, ActDType::kFP32, {}, m);
+    EXPECT_LE(f.device_bytes, budget);
+    EXPECT_EQ(f.device_bytes,
+              evaluate_choice(f.plan, f.offload_optimizer, prog, ActDType::kFP32, {}, m)
+                  .device_bytes);
+    if (last_seconds > 0) EXPECT_LE(f.seconds(), last_seconds) << "a looser budget costs more";
+    last_seconds = f.seconds();
+    expect_bitwise_equal(train_plan(*dir_ / "d.bin", f.plan, 5, 1, false, 3, f.offload_optimizer),
+                         *none_, f.describe());
+  }
 }
 
 TEST(Offload, RefusesWhatItCannotDo) {
