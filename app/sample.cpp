@@ -35,7 +35,10 @@ int cmd_sample(int argc, const char* const* argv) {
   REMAT_REQUIRE(temperature >= 0,
                 "--temperature must be >= 0 (0 is greedy), got " + o.get("temperature"));
   const uint64_t seed = o.get_seed("seed");
-  ModelFile mf = read_llmc_model(o.get("model"));
+  const ModelChoice mf = choose_model(o.get("model"), 0, /*want_params=*/true);
+  REMAT_REQUIRE(mf.from_file, "--model " + o.get("model") +
+                                  ": sample needs trained weights: an llm.c checkpoint (.bin) or "
+                                  "a Hugging Face model directory, not a preset");
   std::string tp = o.get("tokenizer");
   if (tp.empty() && file_exists(std::string(kDefaultDataDir) + "/tokenizer.bin"))
     tp = std::string(kDefaultDataDir) + "/tokenizer.bin";

@@ -12,6 +12,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <optional>
+#include <thread>
 
 #include <nlohmann/json.hpp>
 
@@ -20,15 +21,18 @@
 #include "base/error.h"
 #include "base/rng.h"
 #include "io/hf_model.h"
+#include "io/hf_tokenizer.h"
 #include "io/llmc_model.h"
 #include "io/params.h"
 #include "io/prepare.h"
 #include "io/tokenizer.h"
 #include "kernels/classifier.h"
+#include "models/data_parallel.h"
 #include "models/trainer.h"
 #include "profiling/overlap.h"
 #include "profiling/tracer.h"
 #include "runtime/fit.h"
+#include "runtime/collectives.h"
 #include "runtime/plan.h"
 
 namespace remat {
@@ -44,6 +48,22 @@ std::string dir_of(const std::string& path) {
 std::atomic<int> g_signals{0};
 void on_signal(int) {
   if (g_signals.fetch_add(1) >= 1) _exit(130);
+}
+
+// Test-only: REMAT_TEST_KILL_RANK=R:S (or REMAT_TEST_STALL_RANK) makes rank R SIGKILL (or
+// SIGSTOP) itself a few milliseconds into step S, i.e. in the middle of that step's work.
+void inject_rank_fault(int rank, int64_t step) {
+  for (const char* var : {"REMAT_TEST_KILL_RANK", "REMAT_TEST_STALL_RANK"}) {
+    const char* e = std::getenv(var);
+    int r = -1;
+    long long at = -1;
+    if (!e || std::sscanf(e, "%d:%lld", &r, &at) != 2 || r != rank || at != step) continue;
+    const int sig = var[11] == 'K' ? SIGKILL : SIGSTOP;
+    std::thread([sig] {
+      std::this_thread::sleep_for(std::chrono::milliseconds(5));
+      std::raise(sig);
+    }).detach();
+  }
 }
 
 // Prepares the default corpus on first use.
@@ -187,7 +207,9 @@ int cmd_train(int argc, const char* const* argv) {
   o.add("model", "mini", model_option_help())
       .add("data", "", "glob of training shards (llm.c format)")
       .add("val-data", "", "glob of validation shards")
-      .add("tokenizer", "", "tokenizer file for samples (default: tokenizer.bin beside the data)")
+      .add("tokenizer", "",
+           "tokenizer for samples: remat's tokenizer.bin or a Hugging Face tokenizer.json "
+           "(default: either beside the data)")
       .add("vocab", "0", "vocabulary of a small preset (default: the tokenizer's)")
       .add("batch", "8", "micro-batch size B")
       .add("seq", "64", "sequence length T")
@@ -250,7 +272,16 @@ int cmd_train(int argc, const char* const* argv) {
            "write the recompute overlap report beside it (.json -> .overlap.json)")
       .add("trace-steps", "2:3",
            "steps to trace with --trace, A:B as printed (1-based, inclusive); the default "
-           "is clamped to the run");
+           "is clamped to the run")
+      .add("zero", "0",
+           "data parallel (mpirun -np N remat train ...): 1 shards the fp32 master weights and "
+           "AdamW moments by rank (ZeRO-1); bitwise the same training")
+      .add("bucket-bytes", "25MiB",
+           "data parallel: gradient bytes per reduction, started as soon as the backward pass "
+           "has written them")
+      .add("comm-timeout", "30",
+           "data parallel: seconds a collective may wait without progress before the job is "
+           "ended on every rank (a rank died or stalls); setup and checkpoints allow 10x");
   if (!o.parse(argc, argv, 0)) {
     std::printf("%s", o.help().c_str());
     return 0;
@@ -258,36 +289,68 @@ int cmd_train(int argc, const char* const* argv) {
   REMAT_REQUIRE(o.positional().empty(), "unexpected argument '" + o.positional()[0] +
                                             "' (every input is an option: see remat train --help)");
 
+  // Data parallel: started by mpirun, every process is one rank of the job (rank and world
+  // from MPI). Only rank 0 prints, logs, traces and writes checkpoints; errors go to stderr
+  // on every rank.
+  MpiSession mpi;
+  const bool dp = mpi.world() > 1;
+  const bool rank0 = mpi.rank() == 0;
+  if (!rank0) REMAT_CHECK(std::freopen("/dev/null", "w", stdout), "cannot silence stdout");
+  if (dp && nccl_built() && o.get("device") != "cpu")
+    nccl_hooks().select_device(local_rank_from_env());
+
   // Device.
   BackendChoice bc = choose_backend(o.get("device"), o.get("dtype"));
   Backend& be = *bc.backend;
   be.set_attention(o.get("attention"));
   if (!bc.note.empty()) std::printf("%s\n", bc.note.c_str());
   std::printf("backend: %s\n", be.describe().c_str());
+  const double comm_timeout = o.get_double("comm-timeout");
+  REMAT_REQUIRE(comm_timeout > 0, "--comm-timeout must be > 0 seconds, got " + o.get("comm-timeout"));
+  const double slow_timeout = 10 * comm_timeout;  // one rank reads or writes files, others wait
+  const int zero = o.get_count("zero");
+  REMAT_REQUIRE(zero == 0 || zero == 1, "--zero must be 0 or 1, got " + o.get("zero"));
+  std::unique_ptr<Collectives> comm;
+  if (dp) {
+    comm = make_collectives(be, comm_timeout);
+    std::printf("data parallel: %d ranks over %s%s, buckets of %s, comm timeout %g s\n",
+                comm->world(), comm->name(), zero ? ", ZeRO-1" : "",
+                format_bytes(parse_bytes(o.get("bucket-bytes"))).c_str(), comm_timeout);
+  }
 
   // Data.
   std::string train_pat = o.get("data"), val_pat = o.get("val-data"), tok_path = o.get("tokenizer");
   if (train_pat.empty()) {
+    // Rank 0 prepares it on first use while the others wait, then they read it.
+    if (comm && !rank0) comm->host_barrier(slow_timeout);
     PrepareResult pr = default_corpus();
+    if (comm && rank0) comm->host_barrier(slow_timeout);
     train_pat = pr.train_pattern;
     if (val_pat.empty()) val_pat = pr.val_pattern;
     if (tok_path.empty()) tok_path = pr.tokenizer_path;
   }
   const std::vector<std::string> train_files = expand_glob(train_pat);
-  if (tok_path.empty() && file_exists(dir_of(train_files[0]) + "/tokenizer.bin"))
-    tok_path = dir_of(train_files[0]) + "/tokenizer.bin";
+  for (const char* name : {"/tokenizer.bin", "/tokenizer.json"})
+    if (tok_path.empty() && file_exists(dir_of(train_files[0]) + name))
+      tok_path = dir_of(train_files[0]) + name;
+  // remat's tokenizer.bin, or a Hugging Face tokenizer.json (what prepare --tokenizer copies
+  // beside the shards).
   std::unique_ptr<Tokenizer> tok;
-  if (!tok_path.empty()) tok = std::make_unique<Tokenizer>(Tokenizer::load(tok_path));
+  std::unique_ptr<HfTokenizer> hf;
+  if (tok_path.size() >= 5 && tok_path.compare(tok_path.size() - 5, 5, ".json") == 0)
+    hf = std::make_unique<HfTokenizer>(HfTokenizer::load(tok_path));
+  else if (!tok_path.empty())
+    tok = std::make_unique<Tokenizer>(Tokenizer::load(tok_path));
 
   // Model.
   const std::string model = o.get("model");
   uint64_t seed = o.get_seed("seed");
   int vocab = o.get_count("vocab");
   if (vocab <= 0 && is_small_preset(model)) {
-    REMAT_REQUIRE(tok != nullptr, "preset '" + model +
-                                      "' takes its vocabulary from the "
-                                      "tokenizer: pass --tokenizer or --vocab");
-    vocab = tok->vocab_size();
+    REMAT_REQUIRE(tok != nullptr || hf != nullptr, "preset '" + model +
+                                                       "' takes its vocabulary from the "
+                                                       "tokenizer: pass --tokenizer or --vocab");
+    vocab = tok ? tok->vocab_size() : hf->vocab_size();
   }
   ModelChoice mc = choose_model(model, vocab, /*want_params=*/true);
   const ModelConfig c = mc.config;
@@ -316,12 +379,14 @@ int cmd_train(int argc, const char* const* argv) {
                                         " is longer than the model's "
                                         "maximum sequence length " +
                                         std::to_string(c.max_seq_len));
+  // Data parallel: the W ranks' micro-batches together make up each step's total batch.
+  const long long W = mpi.world();
   long long total = o.get_int("total-batch");
-  if (total <= 0) total = (long long)B * T;
-  REMAT_REQUIRE(total % ((long long)B * T) == 0,
-                "--total-batch " + std::to_string(total) +
-                    " is not a multiple of B*T = " + std::to_string((long long)B * T));
-  const int accum = static_cast<int>(total / ((long long)B * T));
+  if (total <= 0) total = (long long)B * T * W;
+  REMAT_REQUIRE(total % ((long long)B * T * W) == 0,
+                "--total-batch " + std::to_string(total) + " is not a multiple of B*T" +
+                    (W > 1 ? "*ranks = " : " = ") + std::to_string((long long)B * T * W));
+  const int accum = static_cast<int>(total / ((long long)B * T * W));
 
   Hyper h;
   h.lr = static_cast<float>(o.get_double("lr"));
@@ -394,7 +459,11 @@ int cmd_train(int argc, const char* const* argv) {
   // say which plan ran out and what stores less.
   std::unique_ptr<Trainer> trainer;
   try {
-    trainer = std::make_unique<Trainer>(c, B, T, accum, h, plan, so, std::move(params), &be);
+    DataParallelOptions dpo;
+    dpo.comm = comm.get();
+    dpo.bucket_bytes = parse_bytes(o.get("bucket-bytes"));
+    dpo.zero = zero;
+    trainer = std::make_unique<Trainer>(c, B, T, accum, h, plan, so, std::move(params), &be, dpo);
   } catch (const Error& e) {
     const std::string what = e.what();
     if (what.find("out of memory") == std::string::npos) throw;
@@ -416,24 +485,68 @@ int cmd_train(int argc, const char* const* argv) {
     std::printf("resumed from %s at step %lld\n", resume.c_str(), (long long)resumed->step);
     resumed.reset();
   }
+  if (comm) {
+    // Before step 1: every rank must train the same model on the same data the same way.
+    std::string data_desc;
+    for (int i = 0; i < train.num_shards(); i++)
+      data_desc += train.files()[i] + ":" + std::to_string(train.tokens_in_shard(i)) + " ";
+    if (val)
+      for (int i = 0; i < val->num_shards(); i++)
+        data_desc += "val " + val->files()[i] + ":" + std::to_string(val->tokens_in_shard(i)) + " ";
+    std::string plan_desc = plan.spec + " offload " + plan.offload_spec + " |";
+    for (const auto& row : plan.recompute)
+      for (auto x : row) plan_desc += x ? '1' : '0';
+    const std::vector<float>& w0 = tr.params();
+    char hw[32];
+    std::snprintf(hw, sizeof hw, "%016llx",
+                  (unsigned long long)fnv1a64(w0.data(), w0.size() * sizeof(float)));
+    const std::string hyper = "lr " + o.get("lr") + " warmup " + o.get("warmup") + " " +
+                              o.get("schedule") + " " + o.get("lr-final-frac") + " wd " +
+                              o.get("weight-decay") + " betas " + o.get("beta1") + " " +
+                              o.get("beta2") + " eps " + o.get("eps") + " clip " +
+                              o.get("grad-clip") + " steps " + std::to_string(steps);
+    check_ranks_agree(
+        *comm,
+        {{"model", model + " " + (c.is_llama() ? describe(c) : std::to_string(num_params(c)))},
+         {"initial weights", hw},
+         {"batch", "B=" + std::to_string(B) + " T=" + std::to_string(T) + " total " +
+                       std::to_string(total) + " (" + std::to_string(accum) + " micro-steps)"},
+         {"plan", plan_desc},
+         {"data", data_desc + (o.get_bool("shuffle") ? "shuffled" : "in order")},
+         {"seed", std::to_string(seed)},
+         {"step", std::to_string(tr.steps_done())},
+         {"hyperparameters", hyper},
+         {"backend", std::string(be.name()) + " " + dtype_name(be.dtype()) + " " +
+                         o.get("attention")},
+         {"data parallel", "zero " + std::to_string(zero) + " buckets " +
+                               std::to_string(parse_bytes(o.get("bucket-bytes")))}},
+        slow_timeout);
+  }
 
   const std::string out = o.get("out");
-  if (!out.empty()) prepare_out_dir(out);
+  if (!out.empty() && rank0) prepare_out_dir(out);
+  // Data parallel: every rank takes part in gathering the state (ZeRO-1's shards), rank 0
+  // writes it (the same file at any world size), and the others wait for it to be written.
   auto save = [&]() {
     if (out.empty()) return;
     TrainState st = tr.state(train);
     st.rng_seed = seed;  // Trainer::state() leaves it 0; a resume takes it (or refuses another)
+    if (!rank0) {
+      comm->host_barrier(slow_timeout);
+      return;
+    }
     save_train_state(out + "/state.bin", st);
     // The model for other tools: Hugging Face's directory layout (config.json and
     // model.safetensors) always, llm.c's model.bin for GPT-2.
-    save_hf_model(out, c, tr.params().data());
-    if (!c.is_llama()) write_llmc_model(out + "/model.bin", c, tr.params().data(), 3);
+    save_hf_model(out, c, st.params.data());
+    if (!c.is_llama()) write_llmc_model(out + "/model.bin", c, st.params.data(), 3);
+    if (comm) comm->host_barrier(slow_timeout);
     std::printf("checkpoint: %s/state.bin, %s/model.safetensors%s (step %lld)\n", out.c_str(),
                 out.c_str(), c.is_llama() ? "" : (", " + out + "/model.bin").c_str(),
                 (long long)tr.steps_done());
   };
   FILE* log = nullptr;
-  if (!o.get("log").empty()) {
+  if (!o.get("log").empty() && rank0) {
     log = std::fopen(o.get("log").c_str(), "a");
     REMAT_REQUIRE(log, o.get("log") + ": cannot open the log file: " + std::strerror(errno));
   }
@@ -447,7 +560,7 @@ int cmd_train(int argc, const char* const* argv) {
   std::unique_ptr<Tracer> tracer;
   long long trace_first = 0, trace_last = -1;
   int traced_steps = 0;
-  if (!trace_path.empty()) {
+  if (!trace_path.empty() && rank0) {
     // The trace and its report are written after the traced steps: prove both writable now.
     check_writable(trace_path, "--trace");
     check_writable(overlap_report_path(trace_path), "--trace's overlap report");
@@ -510,10 +623,16 @@ int cmd_train(int argc, const char* const* argv) {
     if (sample_n <= 0) return;
     int start =
         tok && tok->eot_token() >= 0 && tok->eot_token() < c.vocab_size ? tok->eot_token() : 0;
+    if (hf) {  // a document's start: BOS, else end-of-text
+      const int b = hf->bos_token() >= 0 ? hf->bos_token() : hf->eot_token();
+      start = b >= 0 && b < c.vocab_size ? b : 0;
+    }
     std::vector<int> gen =
         sample_tokens(c, tr.params().data(), {start}, sample_n, 1.0f, seed, 1000 + step);
     std::string text;
-    if (tok) {
+    if (hf) {
+      text = hf->decode(gen);  // all at once: a character split between tokens comes out whole
+    } else if (tok) {
       for (int t : gen) text += t == tok->eot_token() ? std::string("\n---\n") : tok->decode(t);
     } else {
       for (int t : gen) text += std::to_string(t) + " ";
@@ -531,8 +650,10 @@ int cmd_train(int argc, const char* const* argv) {
       tracer->attach(tr.runner().main_stream());
       tracer->attach(tr.runner().side_stream());
       tracer->attach(tr.runner().copy_stream());
+      if (comm) tracer->attach(comm->stream());
       tracer->attach_arena(&tr.runner().arena());
     }
+    inject_rank_fault(mpi.rank(), tr.steps_done() + 1);
     auto t0 = std::chrono::steady_clock::now();
     StepResult r = tr.step(train);
     const auto t1 = std::chrono::steady_clock::now();
@@ -581,11 +702,13 @@ int cmd_train(int argc, const char* const* argv) {
     } else {
       bad = 0;
     }
-    if (g_signals.load() > 0) {
+    // Data parallel: all ranks stop after the same step when any rank got the signal.
+    if (dp ? tr.data_parallel()->any(g_signals.load() > 0) : g_signals.load() > 0) {
       std::printf("signal received: stopping after step %lld\n", (long long)s);
       finish_trace();
       save();
       if (log) std::fclose(log);
+      mpi.finish();
       return 0;
     }
     if (eval_every > 0 && s % eval_every == 0 && s != steps) do_eval(s);
@@ -601,6 +724,7 @@ int cmd_train(int argc, const char* const* argv) {
     save();
   }
   if (log) std::fclose(log);
+  mpi.finish();
   return exit_code;
 }
 
