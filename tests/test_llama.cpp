@@ -119,7 +119,7 @@ struct Trace {
 };
 
 Trace train(const ModelConfig& c, const std::string& shard, const std::string& policy, int steps,
-            int lookahead = 1, bool verify = false) {
+            int lookahead = 1, bool verify = false, const std::string& offload = "none") {
   const int B = 2, T = 8;
   DataLoader data(shard, B, T, c.vocab_size, false, 1);
   Hyper h;
@@ -129,6 +129,7 @@ Trace train(const ModelConfig& c, const std::string& shard, const std::string& p
   so.lookahead = lookahead;
   so.verify_recompute = verify;
   Plan plan = make_plan(policy, c, B, T, ActDType::kFP32, so, CostModel{});
+  apply_offload(plan, offload);
   Trainer tr(c, B, T, 2, h, plan, so, lively_params(c, 3));
   Trace t;
   for (int s = 0; s < steps; s++) {
@@ -170,6 +171,13 @@ TEST_P(LlamaFamily, EveryPresetTrainsBitwiseLikeNone) {
     SCOPED_TRACE(la);
     expect_bitwise_equal(train(c, dir / "d.bin", "full", 4, la), none, "full, lookahead");
   }
+  // Offloaded tensors come back unchanged.
+  for (const auto& [rc, off] : std::vector<std::pair<std::string, std::string>>{
+           {"none", "input+qkvr+swiglu"}, {"full", "input"}, {"selective", "input+attn+gate_up"}}) {
+    SCOPED_TRACE(rc + " + offload " + off);
+    expect_bitwise_equal(train(c, dir / "d.bin", rc, 4, 1, false, off), none, "offload " + off);
+  }
+  EXPECT_NO_THROW(train(c, dir / "d.bin", "full", 2, 1, /*verify=*/true, "input"));
 }
 
 TEST_P(LlamaFamily, VerifyRecomputePassesForEveryPreset) {
