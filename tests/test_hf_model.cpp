@@ -235,6 +235,31 @@ TEST(HFModel, BadDirectoriesNameFileAndProblem) {
     expect_error(d.path, {"missing tensor model.layers.2."});
   }
   {
+    // A tensor stored as integers: the dtype disagrees with a model's weights. The file is
+    // written by hand (remat writes only F32 and BF16): every tensor F32 but one I32.
+    test::TempDir d;
+    save_hf_model(d.path, c, p.data());
+    SafetensorsFile f(d / "model.safetensors");
+    nlohmann::ordered_json header;
+    std::string data;
+    for (const TensorInfo& t : f.tensors()) {
+      const std::vector<float> v = f.read_f32(t.name);
+      const size_t begin = data.size();
+      data.append(reinterpret_cast<const char*>(v.data()), v.size() * 4);
+      header[t.name] = {{"dtype", t.name == "model.norm.weight" ? "I32" : "F32"},
+                        {"shape", t.shape},
+                        {"data_offsets", {begin, data.size()}}};
+    }
+    std::string h = header.dump();
+    while (h.size() % 8) h += ' ';
+    const uint64_t n = h.size();
+    std::ofstream out(d / "model.safetensors", std::ios::binary);
+    out.write(reinterpret_cast<const char*>(&n), 8);
+    out << h << data;
+    out.close();
+    expect_error(d.path, {"model.safetensors", "model.norm.weight", "I32"});
+  }
+  {
     // An extra tensor the config does not describe (o_proj bias): the config is wrong.
     test::TempDir d;
     save_hf_model(d.path, c, p.data());
