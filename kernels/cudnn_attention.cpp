@@ -12,6 +12,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <exception>
 #include <map>
 #include <mutex>
 #include <tuple>
@@ -22,18 +23,19 @@
 namespace fe = cudnn_frontend;
 
 // cuDNN's status and cudnn-frontend's error object, checked like CUDA's (kernels/cuda_common.cuh).
-#define REMAT_CUDNN_CHECK(stmt)                                                                 \
-  do {                                                                                          \
-    const cudnnStatus_t remat_cudnn_st_ = (stmt);                                               \
-    if (remat_cudnn_st_ != CUDNN_STATUS_SUCCESS)                                                \
-      ::remat::cuda::fail("cuDNN", #stmt, __FILE__, __LINE__, cudnnGetErrorString(remat_cudnn_st_)); \
+#define REMAT_CUDNN_CHECK(stmt)                                  \
+  do {                                                           \
+    const cudnnStatus_t remat_cudnn_st_ = (stmt);                \
+    if (remat_cudnn_st_ != CUDNN_STATUS_SUCCESS)                 \
+      ::remat::cuda::fail("cuDNN", #stmt, __FILE__, __LINE__,    \
+                          cudnnGetErrorString(remat_cudnn_st_)); \
   } while (0)
-#define REMAT_CUDNN_FE_CHECK(stmt)                                                     \
-  do {                                                                                 \
-    fe::error_t remat_fe_err_ = (stmt);                                                \
-    if (remat_fe_err_.is_bad())                                                        \
-      ::remat::cuda::fail("cudnn-frontend", #stmt, __FILE__, __LINE__,                 \
-                          remat_fe_err_.get_message().c_str());                        \
+#define REMAT_CUDNN_FE_CHECK(stmt)                                     \
+  do {                                                                 \
+    fe::error_t remat_fe_err_ = (stmt);                                \
+    if (remat_fe_err_.is_bad())                                        \
+      ::remat::cuda::fail("cudnn-frontend", #stmt, __FILE__, __LINE__, \
+                          remat_fe_err_.get_message().c_str());        \
   } while (0)
 
 namespace remat::cuda {
@@ -63,7 +65,8 @@ std::string shape_tag(const Shape& s) {
 
 // The checks of kernels/attention.h plus cuDNN's head-dim rule; throws before any device work.
 Shape checked_shape(int B, int T, int C, int NH, int NKV) {
-  REMAT_CHECK(B > 0 && T > 0 && C > 0 && NH > 0, "cudnn attention: B, T, C and NH must be positive");
+  REMAT_CHECK(B > 0 && T > 0 && C > 0 && NH > 0,
+              "cudnn attention: B, T, C and NH must be positive");
   REMAT_CHECK(C % NH == 0, "cudnn attention: C (" + std::to_string(C) +
                                ") is not a multiple of NH (" + std::to_string(NH) + ")");
   REMAT_CHECK(NKV >= 0, "cudnn attention: NKV must be >= 0 (0 means NH)");
@@ -192,7 +195,7 @@ struct CudnnAttention::Impl {
     size_t fwd_ws = 0, bwd_ws = 0;
   };
 
-  std::mutex mu;                  // guards everything below (handle, stream, cache)
+  std::mutex mu;                   // guards everything below (handle, stream, cache)
   cudnnHandle_t handle = nullptr;  // made at the first build, on the then-current device
   std::map<Shape, Plans> plans;
 
@@ -209,7 +212,7 @@ struct CudnnAttention::Impl {
     try {
       p.fwd = forward_graph(s, handle);
       p.bwd = backward_graph(s, handle);
-    } catch (const Error& e) {
+    } catch (const std::exception& e) {  // remat::Error from the checks, or the frontend's own
       throw Error(std::string("cuDNN attention does not build for ") + shape_tag(s) + " (" +
                   version() + "): " + e.what() + "; --attention remat runs this shape");
     }

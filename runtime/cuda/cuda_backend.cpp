@@ -157,7 +157,8 @@ class CudaBackend final : public Backend {
     need = std::max(need, cuda::attention_backward_workspace_floats(B, T, NH) * sizeof(float));
     need = std::max(need, cuda::gradnorm_workspace_floats() * sizeof(float));
     need = std::max(need, size_t(Vp) * sizeof(Elem));  // classifier_logits of one row
-    need = std::max(need, cudnn_backward_bytes(B, T, C, NH, 0));  // builds cuDNN's graphs
+    // cuDNN's backward (when chosen) builds its graphs here.
+    need = std::max(need, cudnn_backward_bytes(B, T, C, NH, 0));
     scratch(need);
   }
   void set_attention(const std::string& impl) override {
@@ -321,7 +322,8 @@ class CudaBackend final : public Backend {
   }
   void attention_forward(Stream* s, void* out, float* lse, const void* qkv, int B, int T, int C,
                          int NH, int NKV, const char* label, int block) override {
-    if (use_cudnn_) return cudnn_attention_forward(s, out, lse, qkv, B, T, C, NH, NKV, label, block);
+    if (use_cudnn_)
+      return cudnn_attention_forward(s, out, lse, qkv, B, T, C, NH, NKV, label, block);
     s->launch([=] { cuda::attention_forward(E(out), lse, E(qkv), B, T, C, NH, native(s), NKV); },
               label, block);
   }
@@ -467,8 +469,8 @@ class CudaBackend final : public Backend {
   size_t cudnn_backward_bytes(int, int, int, int, int) { return 0; }
   void cudnn_attention_forward(Stream*, void*, float*, const void*, int, int, int, int, int,
                                const char*, int) {}
-  void cudnn_attention_backward(Stream*, void*, const void*, const void*, const void*,
-                                const float*, int, int, int, int, int, const char*, int) {}
+  void cudnn_attention_backward(Stream*, void*, const void*, const void*, const void*, const float*,
+                                int, int, int, int, int, const char*, int) {}
 #endif
 
   cudaDeviceProp props_{};

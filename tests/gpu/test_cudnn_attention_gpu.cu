@@ -190,8 +190,8 @@ struct Reference {
     lse.resize(static_cast<size_t>(c.B) * c.NH * c.T);
     dqkv.resize(qkv.size());
     cpu::attention_forward(out.data(), lse.data(), qkv.data(), c.B, c.T, c.C(), c.NH, c.NKV);
-    cpu::attention_backward(dqkv.data(), dout.data(), qkv.data(), out.data(), lse.data(), c.B,
-                            c.T, c.C(), c.NH, c.NKV);
+    cpu::attention_backward(dqkv.data(), dout.data(), qkv.data(), out.data(), lse.data(), c.B, c.T,
+                            c.C(), c.NH, c.NKV);
   }
 };
 
@@ -271,8 +271,7 @@ TEST_F(CudnnAttentionGpu, MatchesCpuRecomputesBitwiseAndBackwardIsDeterministic)
   for (const Case& c : cases()) {
     SCOPED_TRACE(c.tag());
     const Reference r(c);
-    DeviceArray<bf16> qkv(r.qkv.size()), out(r.out.size()), dout(r.dout.size()),
-        dqkv(r.qkv.size());
+    DeviceArray<bf16> qkv(r.qkv.size()), out(r.out.size()), dout(r.dout.size()), dqkv(r.qkv.size());
     DeviceArray<float> lse(r.lse.size());
     qkv.upload(r.qkv);
     dout.upload(r.dout);
