@@ -5,10 +5,11 @@
 #
 # With a GPU (nvidia-smi finds one): configures and builds for the card's compute capability
 # with all cores (only the targets it runs), runs the GPU tests, compute-sanitizer memcheck and
-# racecheck on gpu_test_kernels_gpu at small sizes, the kernel benchmark (attention beside
-# PyTorch SDPA measured in the same run; LayerNorm, GeLU, AdamW and the classifier as a fraction
-# of the measured copy bandwidth), then GPT-2 124M training at B=8 T=1024 for 12 steps with each
-# recompute preset (none, full, selective, attention; tokens/s and peak memory) beside our own
+# racecheck on gpu_test_kernels_gpu at small sizes, the kernel benchmark (remat's attention and
+# cuDNN's fused attention beside PyTorch SDPA measured in the same run; LayerNorm, GeLU, AdamW and
+# the classifier as a fraction of the measured copy bandwidth), then GPT-2 124M training at B=8
+# T=1024 for 12 steps with each recompute preset (none, full, selective, attention; then none
+# with --attention cudnn when built with cuDNN; tokens/s and peak memory) beside our own
 # PyTorch GPT-2 with torch.compile and SDPA (bench/gpu/torch_gpt2.py) at the same batch. The
 # training data is a shard of random tokens made by bench/gpu/make_shard.py. summary.md gets a
 # "targets" table (attention >= 0.9 x SDPA, memory-bound ops >= 70% of copy bandwidth, tokens/s
@@ -121,6 +122,17 @@ binaries_start() {
   "$BUILD/remat" --help >"$OUT/start_check.log" 2>&1 &&
     "$BUILD/${GPU_TESTS[0]}" --gtest_list_tests >>"$OUT/start_check.log" 2>&1
 }
+# A build with cuDNN attention links libcudnn.so.9; where the toolkit has none (a GPU machine
+# whose cuDNN is PyTorch's wheel, nvidia-cudnn-cu13), the loader is pointed at the wheel's.
+cudnn_from_wheel() {
+  [[ -x "$BUILD/remat" ]] && ldd "$BUILD/remat" 2>/dev/null | grep -q 'libcudnn\.so.*not found' || return 0
+  local d
+  d=$("$PY" -c 'import os, nvidia.cudnn as m; print(os.path.join(list(m.__path__)[0], "lib"))' 2>/dev/null) || return 0
+  [[ -d "$d" ]] || return 0
+  export LD_LIBRARY_PATH="$d${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+  row "cuDNN library" "info" "not beside the toolkit: using $d"
+}
+cudnn_from_wheel
 if (( NO_BUILD )) && have_binaries && ! binaries_start; then
   row "carried binaries" "WARN" "do not start here ($(grep -m1 -i 'error\|not found' "$OUT/start_check.log" | head -c 100)); building"
   BUILD="$BUILD-here"
@@ -155,6 +167,7 @@ else
       cmake --build "$BUILD" -j "$JOBS" --target "${GPU_TARGETS[@]}" remat
   fi
 fi
+cudnn_from_wheel
 # In CPU mode only our targets decide the exit status.
 for t in "${GPU_TARGETS[@]}"; do
   if [[ ! -x "$BUILD/$t" ]]; then row "binary $t" "MISSING" "did not build"; FAILED=1; fi
@@ -336,6 +349,12 @@ for T in (1024, 4096):
         r = o[0] / a[0] if o and a and a[0] > 0 else None
         targets.append((f"attention {d} T={T}, TFLOP/s vs SDPA", num(o and o[0], "{:.1f}"),
                         num(a and a[0], "{:.1f}"), num(r, "{:.2f}"), ">= 0.90", status(r, 0.9)))
+for T in (1024, 4096):  # cuDNN's fused attention beside the same anchor (information only)
+    for d in ("fwd", "bwd"):
+        c, a = find(kern, f"cudnn attention {d} ", T), find(sdpa, f"sdpa {d} ", T)
+        r = c[0] / a[0] if c and a and a[0] > 0 else None
+        targets.append((f"cuDNN attention {d} T={T}, TFLOP/s vs SDPA", num(c and c[0], "{:.1f}"),
+                        num(a and a[0], "{:.1f}"), num(r, "{:.2f}"), "-", "info" if c else "n.a."))
 copy = find(kern, "d2d copy")
 for op in ("layernorm fwd", "layernorm bwd", "adamw", "classifier softmax/loss", "gelu fwd"):
     o = find(kern, op)
@@ -394,13 +413,21 @@ FLOPS_PER_TOKEN=803478528  # GPT-2 124M at T=1024: 6N + 6LCT, N = 124,475,904 (p
 SUMMARY_TITLE="GPT-2 124M training, B=8 T=1024, 12 steps"
 SUMMARY_RUNS=()            # LABEL JSONL pairs for summarise.py
 
-# `remat train --help` must list --device and --dtype (both modes).
+# `remat train --help` must list --device, --dtype and --attention (both modes).
+HAVE_CUDNN=0
 if [[ -x "$REMAT" ]]; then
   help=$("$REMAT" train --help 2>&1)
-  for f in --device --dtype; do
+  for f in --device --dtype --attention; do
     if grep -q -- "^ *$f " <<<"$help"; then row "remat train --help lists $f" "ok" ""
     else row "remat train --help lists $f" "WARN" "not listed"; fi
   done
+  # cuDNN's fused attention is in the build when the program links cuDNN.
+  if ldd "$REMAT" 2>/dev/null | grep -q 'libcudnn\.'; then
+    HAVE_CUDNN=1
+    row "cuDNN attention (--attention cudnn)" "ok" "built: $(ldd "$REMAT" | grep -o 'libcudnn\.[^ ]* => [^ ]*' | head -n1)"
+  else
+    row "cuDNN attention (--attention cudnn)" "WARN" "not in this build (no cudnn-frontend headers when configured: scripts/setup.sh fetches them)"
+  fi
 fi
 
 PLAN=(
@@ -410,6 +437,7 @@ PLAN=(
   "$BUILD/gpu_bench_kernels --out $OUT/bench_kernels.md --csv $OUT/bench_kernels.csv"
   "$PY $OUT/sdpa_bench.py $OUT/sdpa.csv   (when torch imports)"
   "for P in ${PRESETS[*]}: $(train_cmd '$P'; show "${TRAIN[@]}")"
+  "then with cuDNN's attention: $(train_cmd none 12 "$OUT/train_none_cudnn.jsonl"; show "${TRAIN[@]}" --attention cudnn)"
   "${TORCH_CMD[*]} --compile-scope model   (after none and full; blocks if under 130 s are left)"
 )
 
@@ -458,6 +486,17 @@ for i, f in enumerate(sys.argv[2:]):
       row "remat train --device cuda, no GPU" "info" "refused (rc=$rc): $msg"
     else
       row "remat train --device cuda, no GPU" "WARN" "rc=$rc, unclear message: $msg"
+    fi
+    # cuDNN's attention on the CPU backend: refused at once, naming --device cuda.
+    timeout --kill-after=10 60 "$REMAT" train --device cpu --attention cudnn --model tiny \
+      --vocab 50257 --steps 1 --data "$DATA/train_*.bin" --val-data "" --out "" \
+      >"$OUT/train_cpu_cudnn.log" 2>&1
+    rc=$?
+    msg=$(grep -v '^ *$' "$OUT/train_cpu_cudnn.log" | tail -n1 | one_line 150)
+    if (( rc != 0 && rc != 124 && rc != 137 )) && grep -q -- '--device cuda' <<<"$msg"; then
+      row "remat train --device cpu --attention cudnn" "ok" "refused (rc=$rc): $msg"
+    else
+      row "remat train --device cpu --attention cudnn" "FAILED" "rc=$rc: $msg"; FAILED=1
     fi
     # The shard through the loader and the JSONL through the summary: a tiny CPU run.
     step "remat train on the shard (CPU, tiny, 4 steps)" 120 "$OUT/train_cpu_smoke.log" \
@@ -551,6 +590,16 @@ else
           --title "GPT-2 124M B=8 T=1024 --recompute $P, step 4 ($GPU_NAME)"
       fi
     done
+    # `none` again with cuDNN's fused attention, when built with it and `none` itself ran.
+    if (( HAVE_CUDNN )) && [[ -s "$OUT/train_none.jsonl" ]]; then
+      train_cmd none 12 "$OUT/train_none_cudnn.jsonl"
+      TRAIN+=(--attention cudnn)
+      SUMMARY_RUNS+=("remat none, cuDNN attention" "$OUT/train_none_cudnn.jsonl")
+      step "train GPT-2 124M --recompute none --attention cudnn" 60 "$OUT/train_none_cudnn.log" \
+        "${TRAIN[@]}"
+      rc=$?
+      (( rc != 0 && rc != 99 )) && row "  cudnn" "info" "$(tail -n1 "$OUT/train_none_cudnn.log" | one_line)"
+    fi
   else
     torch_anchor
   fi

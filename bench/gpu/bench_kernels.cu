@@ -5,7 +5,9 @@
 // events, flushing L2 (a memset over twice its size) before every timed launch. Reports
 // TFLOP/s for attention and GEMMs, GB/s as a fraction of a device-to-device copy measured in
 // the same run for the memory-bound ops. Results go to stdout and to --out (markdown) and
-// --csv (name,metric,value,unit lines).
+// --csv (name,metric,value,unit lines). Attention: remat's kernels and, when built with
+// cuDNN, cuDNN's fused attention ("cudnn attention" rows) on the same shapes and buffers;
+// bench/gpu_check.sh times PyTorch SDPA on those shapes beside them.
 //
 // Usage: gpu_bench_kernels [--out results.md] [--csv results.csv] [--quick]
 #include <cuda_bf16.h>
@@ -24,6 +26,7 @@
 #include "kernels/attention.h"
 #include "kernels/classifier.h"
 #include "kernels/cuda_common.cuh"
+#include "kernels/cudnn_attention.h"
 #include "kernels/gelu.h"
 #include "kernels/layernorm.h"
 #include "kernels/matmul.h"
@@ -154,6 +157,39 @@ bool check_attention(cudaStream_t s) {
          check("attention_backward dqkv", download(d_dqkv, n), dqkv, 4);
 }
 
+#ifdef REMAT_WITH_CUDNN
+// cuDNN's fused attention (--attention cudnn) on check_attention's inputs. Its failure (no
+// plan on this device, a mismatch) drops only its own rows from the timings.
+bool check_cudnn_attention(cuda::CudnnAttention& a, cudaStream_t s) {
+  const int B = 1, T = 200, NH = 4, HD = 64, C = NH * HD;
+  const size_t n = static_cast<size_t>(B) * T * 3 * C;
+  try {
+    std::printf("%s\n", cuda::CudnnAttention::version().c_str());
+    const std::vector<float> qkv = random_vec(n, -1.5f, 1.5f, 1);
+    const std::vector<float> dout = random_vec(static_cast<size_t>(B) * T * C, -1.f, 1.f, 2);
+    const size_t fws = a.forward_workspace_bytes(B, T, C, NH),
+                 bws = a.backward_workspace_bytes(B, T, C, NH);
+    Dev<bf16> d_qkv(n), d_out(B * T * C), d_dout(B * T * C), d_dqkv(n);
+    Dev<float> d_lse(B * NH * T);
+    Dev<char> fw(fws), bw(bws);
+    upload(d_qkv, qkv);
+    upload(d_dout, dout);
+    a.forward(d_out.p, d_lse.p, d_qkv.p, B, T, C, NH, fw.p, fws, s);
+    a.backward(d_dqkv.p, d_dout.p, d_qkv.p, d_out.p, d_lse.p, B, T, C, NH, bw.p, bws, s);
+    std::vector<float> out(B * T * C), lse(B * NH * T), dqkv(n);
+    cpu::attention_forward(out.data(), lse.data(), qkv.data(), B, T, C, NH);
+    cpu::attention_backward(dqkv.data(), dout.data(), qkv.data(), out.data(), lse.data(), B, T, C,
+                            NH);
+    // tests/gpu/test_cudnn_attention_gpu.cu: 4 ulps for out, 6 for the gradients.
+    return check("cudnn attention_forward out", download(d_out, out.size()), out, 4) &
+           check("cudnn attention_backward dqkv", download(d_dqkv, n), dqkv, 6);
+  } catch (const std::exception& e) {
+    std::printf("check cudnn attention: FAILED: %s\n", e.what());
+    return false;
+  }
+}
+#endif
+
 bool check_layernorm(cudaStream_t s) {
   const int N = 64, C = 768;
   const std::vector<float> x = random_vec(N * C, -2.f, 2.f, 3), w = random_vec(C, .5f, 1.5f, 4),
@@ -219,6 +255,13 @@ int main(int argc, char** argv) {
       std::fprintf(stderr, "gpu_bench_kernels: correctness check failed, nothing timed\n");
       return 1;
     }
+#ifdef REMAT_WITH_CUDNN
+    cuda::CudnnAttention cudnn;
+    const bool cudnn_ok = check_cudnn_attention(cudnn, s);
+#else
+    const bool cudnn_ok = true;
+    std::printf("cudnn attention: not in this build (no cudnn-frontend headers)\n");
+#endif
     Timer timer(s);
     const int iters = quick ? 5 : 20;
     std::vector<Row> rows;
@@ -262,6 +305,21 @@ int main(int argc, char** argv) {
           " B=" + std::to_string(B) + " T=" + std::to_string(T) + " NH=12 HD=64 causal";
       rows.push_back({"attention fwd" + shape, fwd, flops / (fwd * 1e9), "TFLOP/s", -1});
       rows.push_back({"attention bwd" + shape, bwd, 2.5 * flops / (bwd * 1e9), "TFLOP/s", -1});
+#ifdef REMAT_WITH_CUDNN
+      if (cudnn_ok) {  // cuDNN's on the same buffers, its deterministic backward
+        const size_t fws = cudnn.forward_workspace_bytes(B, T, C, NH),
+                     bws = cudnn.backward_workspace_bytes(B, T, C, NH);
+        Dev<char> fw(fws), bw(bws);
+        const double cf = timer.median_ms(
+            [&] { cudnn.forward(out.p, lse.p, qkv.p, B, T, C, NH, fw.p, fws, s); }, iters);
+        const double cb = timer.median_ms(
+            [&] { cudnn.backward(dqkv.p, dout.p, qkv.p, out.p, lse.p, B, T, C, NH, bw.p, bws, s); },
+            iters);
+        rows.push_back({"cudnn attention fwd" + shape, cf, flops / (cf * 1e9), "TFLOP/s", -1});
+        rows.push_back(
+            {"cudnn attention bwd" + shape, cb, 2.5 * flops / (cb * 1e9), "TFLOP/s", -1});
+      }
+#endif
     }
 
     const int N = 8192, C = 768;
@@ -381,6 +439,10 @@ int main(int argc, char** argv) {
     std::fclose(csv);
     cuda::matmul_release_workspaces();
     REMAT_CUDA_CHECK(cudaStreamDestroy(s));
+    if (!cudnn_ok) {
+      std::fprintf(stderr, "gpu_bench_kernels: cuDNN attention check failed (its rows omitted)\n");
+      return 1;
+    }
   } catch (const std::exception& e) {
     std::fprintf(stderr, "gpu_bench_kernels: %s\n", e.what());
     return 1;
