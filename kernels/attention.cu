@@ -340,6 +340,9 @@ template <int kHD>
 __global__ void __launch_bounds__(kWarps * 32)
     flash_bwd_dkdv_kernel(const __grid_constant__ AttnParams<bf16> p) {
   constexpr int kLd = kHD + 8, kBQ = bwd_bq<kHD>();
+  // Head-dim steps of S^T and dP^T unrolled at once: at HD 128 a full unroll lets ptxas hoist
+  // enough fragment loads to pass 255 registers and spill (224, no spill, at 2).
+  constexpr int kUnrollHD = kHD == 128 ? 2 : kHD / 16;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   bf16* sK = reinterpret_cast<bf16*>(smem_raw);  // (kBN, kLd)
   bf16* sV = sK + kBN * kLd;                     // (kBN, kLd)
@@ -391,20 +394,30 @@ __global__ void __launch_bounds__(kWarps * 32)
     const float* lse = p.lse + (static_cast<size_t>(b) * p.NH + h) * p.T;  // (T) of head h
     const float* Dg = p.D + (static_cast<size_t>(b) * p.NH + h) * p.T;     // (T) of head h
 
-    // S^T = K Q^T and dP^T = V dO^T: (16 keys, kBQ queries) each.
+    // S^T = K Q^T and dP^T = V dO^T: (16 keys, kBQ queries) each. Two loops, not one: only
+    // one product's fragments are live at a time (HD 128 spilled with both). Each
+    // accumulator sees the same mma sequence either way, so the results are unchanged.
     float st[kBQ / 8][4] = {}, dpt[kBQ / 8][4] = {};
-#pragma unroll
+#pragma unroll(kUnrollHD)
     for (int kk = 0; kk < kHD / 16; ++kk) {
-      uint32_t ka[4], va[4];
+      uint32_t ka[4];
       load_a(ka, sK, kLd, warp * 16, kk * 16, lane);
+#pragma unroll
+      for (int nq2 = 0; nq2 < kBQ / 16; ++nq2) {
+        uint32_t qb[4];
+        load_b_nk(qb, q_s, kLd, nq2 * 16, kk * 16, lane);
+        mma(st[2 * nq2], ka, qb[0], qb[1]);
+        mma(st[2 * nq2 + 1], ka, qb[2], qb[3]);
+      }
+    }
+#pragma unroll(kUnrollHD)
+    for (int kk = 0; kk < kHD / 16; ++kk) {
+      uint32_t va[4];
       load_a(va, sV, kLd, warp * 16, kk * 16, lane);
 #pragma unroll
       for (int nq2 = 0; nq2 < kBQ / 16; ++nq2) {
-        uint32_t qb[4], ob[4];
-        load_b_nk(qb, q_s, kLd, nq2 * 16, kk * 16, lane);
+        uint32_t ob[4];
         load_b_nk(ob, do_s, kLd, nq2 * 16, kk * 16, lane);
-        mma(st[2 * nq2], ka, qb[0], qb[1]);
-        mma(st[2 * nq2 + 1], ka, qb[2], qb[3]);
         mma(dpt[2 * nq2], va, ob[0], ob[1]);
         mma(dpt[2 * nq2 + 1], va, ob[2], ob[3]);
       }
@@ -428,19 +441,27 @@ __global__ void __launch_bounds__(kWarps * 32)
         }
       }
     }
-    // dV += P^T dO, dK += dS^T Q: k-dimension = queries.
+    // dV += P^T dO, then dK += dS^T Q: k-dimension = queries (split like S^T and dP^T).
 #pragma unroll
     for (int kk = 0; kk < kBQ / 16; ++kk) {
-      uint32_t pa[4], dsa[4];
+      uint32_t pa[4];
       acc_to_a(pa, st, kk);
+#pragma unroll
+      for (int nd2 = 0; nd2 < kHD / 16; ++nd2) {
+        uint32_t ob[4];
+        load_b_kn(ob, do_s, kLd, kk * 16, nd2 * 16, lane);
+        mma(dv[2 * nd2], pa, ob[0], ob[1]);
+        mma(dv[2 * nd2 + 1], pa, ob[2], ob[3]);
+      }
+    }
+#pragma unroll
+    for (int kk = 0; kk < kBQ / 16; ++kk) {
+      uint32_t dsa[4];
       acc_to_a(dsa, dpt, kk);
 #pragma unroll
       for (int nd2 = 0; nd2 < kHD / 16; ++nd2) {
-        uint32_t ob[4], qb[4];
-        load_b_kn(ob, do_s, kLd, kk * 16, nd2 * 16, lane);
+        uint32_t qb[4];
         load_b_kn(qb, q_s, kLd, kk * 16, nd2 * 16, lane);
-        mma(dv[2 * nd2], pa, ob[0], ob[1]);
-        mma(dv[2 * nd2 + 1], pa, ob[2], ob[3]);
         mma(dk[2 * nd2], dsa, qb[0], qb[1]);
         mma(dk[2 * nd2 + 1], dsa, qb[2], qb[3]);
       }
