@@ -54,9 +54,23 @@ struct AttnParams {
   int HD;            // head dim
   float scale;       // 1 / sqrt(HD)
   float scale_log2;  // scale * log2(e)
+  // Fused backward only (attention_backward_fused; null otherwise):
+  float* dq_acc;           // (B, NH, T, HD) fp32 partial dQ sums, unscaled (workspace)
+  unsigned* dq_sem;        // (B, NH, ceil(T / BQ)) key blocks added into each query block
+  unsigned* tile_counter;  // (1) next (head, key block) tile to claim; zero at launch
 };
 
 // ------------------------------------------------------------------ PTX wrappers
+
+// Global-scope acquire load and release store (the fused backward's ordering semaphores).
+__device__ __forceinline__ unsigned ld_acquire(const unsigned* p) {
+  unsigned v;
+  asm volatile("ld.acquire.gpu.global.u32 %0, [%1];\n" : "=r"(v) : "l"(p) : "memory");
+  return v;
+}
+__device__ __forceinline__ void st_release(unsigned* p, unsigned v) {
+  asm volatile("st.release.gpu.global.u32 [%0], %1;\n" ::"l"(p), "r"(v) : "memory");
+}
 
 __device__ __forceinline__ uint32_t smem_addr(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
@@ -116,6 +130,12 @@ __device__ __forceinline__ void load_a(uint32_t (&a)[4], const bf16* s, int ld, 
 __device__ __forceinline__ void load_b_nk(uint32_t (&b)[4], const bf16* s, int ld, int n0, int k0,
                                           int lane) {
   ldmatrix_x4(b, s + (n0 + (lane / 16) * 8 + lane % 8) * ld + k0 + ((lane / 8) % 2) * 8);
+}
+// A operand (16 x 16) at rows r0.., columns c0.. of a matrix held transposed: the tile is
+// stored [column][row] (transposing load).
+__device__ __forceinline__ void load_a_t(uint32_t (&a)[4], const bf16* s, int ld, int r0, int c0,
+                                         int lane) {
+  ldmatrix_x4_trans(a, s + (c0 + (lane / 16) * 8 + lane % 8) * ld + r0 + ((lane / 8) % 2) * 8);
 }
 // The same from a tile stored [k][n] (transposing load).
 __device__ __forceinline__ void load_b_kn(uint32_t (&b)[4], const bf16* s, int ld, int k0, int n0,
@@ -331,12 +351,90 @@ template <int kHD>
 constexpr int bwd_bq() {
   return kHD == 128 ? 32 : 64;  // query rows per step (register budget of the dK, dV CTA)
 }
-template <int kHD>
-constexpr size_t dkdv_smem() {
-  return sizeof(bf16) * (2 * kBN + 4 * bwd_bq<kHD>()) * (kHD + 8);
+// Fused backward, one step: dQ share (kBQ queries of block i, HD) = dS (kBQ, kBN) K (kBN, HD)
+// of key block `key_block`, from sdS (dS^T, [key][query], ld kBQ + 8) and sK, then added to
+// query block i of head h in the fixed order (see flash_bwd_dkdv_kernel). Warps tile the
+// (kBQ, HD) share as (kBQ / 16) x (4 / (kBQ / 16)): 16 rows x 64 columns each.
+template <int kHD, int kBQ>
+__device__ __forceinline__ void fused_dq_step(const AttnParams<bf16>& p, const bf16* sdS,
+                                              const bf16* sK, int b, int h, int i, int key_block,
+                                              int lane, int warp) {
+  constexpr int kLd = kHD + 8, kLdS = kBQ + 8;
+  constexpr int kWM = kBQ / 16, kWN = kWarps / kWM, kN = kHD / kWN;  // kN = 64
+  static_assert(kWM * kWN == kWarps && kN % 16 == 0, "dQ warp tiling");
+  const int wm = warp % kWM, wn = warp / kWM, gq = lane / 4, t4 = lane % 4;
+  float dq[kN / 8][4] = {};  // (16 queries, kN head dims) of this warp
+#pragma unroll
+  for (int kk = 0; kk < kBN / 16; ++kk) {
+    uint32_t dsa[4];
+    load_a_t(dsa, sdS, kLdS, wm * 16, kk * 16, lane);
+#pragma unroll
+    for (int nd2 = 0; nd2 < kN / 16; ++nd2) {
+      uint32_t kb[4];
+      load_b_kn(kb, sK, kLd, kk * 16, wn * kN + nd2 * 16, lane);
+      mma(dq[2 * nd2], dsa, kb[0], kb[1]);
+      mma(dq[2 * nd2 + 1], dsa, kb[2], kb[3]);
+    }
+  }
+  const int last = i * kBQ / kBN;  // first contributor to block i; key block 0 is the final one
+  const int n_q_blocks = (p.T + kBQ - 1) / kBQ;
+  const size_t bh = static_cast<size_t>(b) * p.NH + h;
+  unsigned* sem = p.dq_sem + bh * n_q_blocks + i;
+  if (key_block != last) {
+    if (threadIdx.x == 0) {
+      const unsigned want = static_cast<unsigned>(last - key_block);
+      while (ld_acquire(sem) != want) __nanosleep(64);
+    }
+    __syncthreads();  // the earlier contributions to block i are visible from here
+  }
+  float* acc = p.dq_acc + bh * p.T * kHD;                                // (T, HD) of head h
+  bf16* dq_g = p.dqkv + static_cast<size_t>(b) * p.T * p.ld + h * kHD;  // (T, HD), stride ld
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int row = i * kBQ + wm * 16 + gq + 8 * r;
+    if (row >= p.T) continue;
+#pragma unroll
+    for (int nd = 0; nd < kN / 8; ++nd) {
+      const int col = wn * kN + nd * 8 + 2 * t4;
+      float2* a = reinterpret_cast<float2*>(acc + static_cast<size_t>(row) * kHD + col);
+      float2 v = make_float2(dq[nd][2 * r], dq[nd][2 * r + 1]);
+      if (key_block != last) {
+        const float2 prev = __ldcg(a);  // L2: written by another CTA
+        v = make_float2(prev.x + v.x, prev.y + v.y);
+      }
+      if (key_block == 0) {
+        *reinterpret_cast<uint32_t*>(dq_g + static_cast<size_t>(row) * p.ld + col) =
+            pack_bf16(v.x * p.scale, v.y * p.scale);
+      } else {
+        __stcg(a, v);
+      }
+    }
+  }
+  if (key_block != 0) {  // someone adds after us: publish
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) st_release(sem, static_cast<unsigned>(last - key_block + 1));
+  }
 }
 
-template <int kHD>
+// K, V; Q, dO double-buffered; fused: dS^T (kBN, kBQ + 8).
+template <int kHD, bool kFuseDq>
+constexpr size_t dkdv_smem() {
+  return sizeof(bf16) * ((2 * kBN + 4 * bwd_bq<kHD>()) * (kHD + 8) +
+                         (kFuseDq ? kBN * (bwd_bq<kHD>() + 8) : 0));
+}
+
+// kFuseDq = false: dK, dV only (dQ by flash_bwd_dq_kernel). Grid (T/64 key blocks, B*NKV).
+// kFuseDq = true (UNVERIFIED on a GPU): also dQ. Each step's dS^T goes through shared memory,
+// the CTA forms that query block's dQ share dS K (BQ, HD) and adds it to p.dq_acc in a fixed
+// order: for query block i, key blocks last(i) = i BQ / BN, last(i) - 1, ..., 0 (descending:
+// key block j reaches block i one step after key block j + 1, so the chain rarely waits). The
+// first contributor stores, the others load-add-store in fp32, key block 0 writes bf16 dQ to
+// dqkv. Order is kept by p.dq_sem[(b, h, i)] = contributions done: key block j waits for
+// last(i) - j (acquire), adds, releases last(i) - j + 1. Tiles are claimed from
+// p.tile_counter in the order (b, hk) ascending, key block descending, so every tile a CTA
+// waits on was claimed earlier by a running CTA: no deadlock whatever the residency.
+template <int kHD, bool kFuseDq>
 __global__ void __launch_bounds__(kWarps * 32)
     flash_bwd_dkdv_kernel(const __grid_constant__ AttnParams<bf16> p) {
   constexpr int kLd = kHD + 8, kBQ = bwd_bq<kHD>();
@@ -348,9 +446,22 @@ __global__ void __launch_bounds__(kWarps * 32)
   bf16* sV = sK + kBN * kLd;                     // (kBN, kLd)
   bf16* sQ = sV + kBN * kLd;                     // (2, kBQ, kLd) double-buffered
   bf16* sdO = sQ + 2 * kBQ * kLd;                // (2, kBQ, kLd)
+  constexpr int kLdS = kBQ + 8;
+  bf16* sdS = sdO + 2 * kBQ * kLd;  // fused: (kBN, kLdS) dS^T of this step, [key][query]
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, gq = lane / 4, t4 = lane % 4;
-  const int b = blockIdx.y / p.NKV, hk = blockIdx.y % p.NKV;  // key/value head hk
-  const int n0 = blockIdx.x * kBN, ld = p.ld;
+  unsigned tile = 0;  // fused: claimed tile, (b * NKV + hk) * gridDim.x + (last key block - key_block)
+  if constexpr (kFuseDq) {
+    __shared__ unsigned s_tile;
+    if (threadIdx.x == 0) s_tile = atomicAdd(p.tile_counter, 1u);
+    __syncthreads();
+    tile = s_tile;
+  }
+  // Unsigned index arithmetic as blockIdx gives it (signed here cost the two-pass HD 64 kernel
+  // 16 registers).
+  const unsigned key_block = kFuseDq ? gridDim.x - 1 - tile % gridDim.x : blockIdx.x;
+  const unsigned bkv = kFuseDq ? tile / gridDim.x : blockIdx.y;  // b * NKV + hk
+  const int b = bkv / p.NKV, hk = bkv % p.NKV;                  // key/value head hk
+  const int n0 = key_block * kBN, ld = p.ld;
   const bf16* qkv_b = p.qkv + static_cast<size_t>(b) * p.T * ld;
   const bf16* k_g = qkv_b + p.C + hk * kHD;                          // (T, HD), stride ld
   const bf16* v_g = k_g + p.kv_c;                                    // (T, HD), stride ld
@@ -441,6 +552,15 @@ __global__ void __launch_bounds__(kWarps * 32)
         }
       }
     }
+    if constexpr (kFuseDq) {  // dS^T as bf16 (the same rounding the dK product applies)
+#pragma unroll
+      for (int nq = 0; nq < kBQ / 8; ++nq) {
+#pragma unroll
+        for (int r = 0; r < 2; ++r)
+          *reinterpret_cast<uint32_t*>(sdS + (warp * 16 + gq + 8 * r) * kLdS + nq * 8 + 2 * t4) =
+              pack_bf16(dpt[nq][2 * r], dpt[nq][2 * r + 1]);
+      }
+    }
     // dV += P^T dO, then dK += dS^T Q: k-dimension = queries (split like S^T and dP^T).
 #pragma unroll
     for (int kk = 0; kk < kBQ / 16; ++kk) {
@@ -466,7 +586,11 @@ __global__ void __launch_bounds__(kWarps * 32)
         mma(dk[2 * nd2 + 1], dsa, qb[2], qb[3]);
       }
     }
-    __syncthreads();  // buffer `buf` is refilled two steps from now
+    if constexpr (kFuseDq) {
+      __syncthreads();  // sdS complete
+      fused_dq_step<kHD, kBQ>(p, sdS, sK, b, h, i, key_block, lane, warp);
+    }
+    __syncthreads();  // buffer `buf` (and sdS) is refilled from the next step on
     h = h_next;
     i = i_next;
   }
@@ -797,15 +921,42 @@ void launch_fwd_tc(const AttnParams<bf16>& p, cudaStream_t stream) {
 
 template <int kHD>
 void launch_bwd_tc(const AttnParams<bf16>& p, cudaStream_t stream) {
-  static const bool smem_set = (set_smem(flash_bwd_dkdv_kernel<kHD>, dkdv_smem<kHD>()),
-                                set_smem(flash_bwd_dq_kernel<kHD>, dq_smem<kHD>()), true);
+  static const bool smem_set =
+      (set_smem(flash_bwd_dkdv_kernel<kHD, false>, dkdv_smem<kHD, false>()),
+       set_smem(flash_bwd_dq_kernel<kHD>, dq_smem<kHD>()), true);
   (void)smem_set;
-  flash_bwd_dkdv_kernel<kHD>
-      <<<dim3(ceil_div(p.T, kBN), p.B * p.NKV), kWarps * 32, dkdv_smem<kHD>(), stream>>>(p);
+  flash_bwd_dkdv_kernel<kHD, false><<<dim3(ceil_div(p.T, kBN), p.B * p.NKV), kWarps * 32,
+                                      dkdv_smem<kHD, false>(), stream>>>(p);
   REMAT_CUDA_LAUNCH_CHECK(stream);
   flash_bwd_dq_kernel<kHD>
       <<<dim3(ceil_div(p.T, kBM), p.B * p.NH), kWarps * 32, dq_smem<kHD>(), stream>>>(p);
   REMAT_CUDA_LAUNCH_CHECK(stream);
+}
+
+// The fused backward (UNVERIFIED): one kernel for dK, dV and dQ. p.dq_sem and p.tile_counter
+// (contiguous) are zeroed on `stream` first; p.dq_acc needs no clearing (each query block's
+// first contributor stores).
+template <int kHD>
+void launch_bwd_fused_tc(const AttnParams<bf16>& p, size_t sem_count, cudaStream_t stream) {
+  static const bool smem_set =
+      (set_smem(flash_bwd_dkdv_kernel<kHD, true>, dkdv_smem<kHD, true>()), true);
+  (void)smem_set;
+  REMAT_CUDA_CHECK(cudaMemsetAsync(p.dq_sem, 0, (sem_count + 1) * sizeof(unsigned), stream));
+  flash_bwd_dkdv_kernel<kHD, true><<<dim3(ceil_div(p.T, kBN), p.B * p.NKV), kWarps * 32,
+                                     dkdv_smem<kHD, true>(), stream>>>(p);
+  REMAT_CUDA_LAUNCH_CHECK(stream);
+}
+
+// Fused workspace, in floats: [D (B NH T), padded to 4][dq_acc (B NH T HD)][dq_sem (B NH
+// ceil(T / 32)), an upper bound for every BQ][tile_counter (1)].
+struct FusedWorkspace {
+  size_t d_floats, acc_floats, sem_count;
+  size_t total() const { return d_floats + acc_floats + sem_count + 1; }
+};
+FusedWorkspace fused_workspace(int B, int T, int C, int NH) {
+  const size_t bht = static_cast<size_t>(B) * NH * T;
+  return {(bht + 3) / 4 * 4, static_cast<size_t>(B) * T * C,
+          static_cast<size_t>(B) * NH * ceil_div(T, 32)};
 }
 
 }  // namespace
@@ -877,6 +1028,48 @@ void attention_backward(Elem* dqkv, const Elem* dout, const Elem* qkv, const Ele
   REMAT_CUDA_LAUNCH_CHECK(stream);
 }
 
+size_t attention_backward_fused_workspace_floats(int B, int T, int C, int NH) {
+  return fused_workspace(B, T, C, NH).total();
+}
+
+template <typename Elem>
+void attention_backward_fused(Elem* dqkv, const Elem* dout, const Elem* qkv, const Elem* out,
+                              const float* lse, int B, int T, int C, int NH, float* workspace,
+                              cudaStream_t stream, int NKV) {
+  if constexpr (std::is_same_v<Elem, bf16>) {
+    AttnParams<Elem> p = make_params<Elem>("attention_backward_fused", B, T, C, NH, NKV);
+    if (B == 0 || T == 0) return;
+    if (use_tensor_cores(p)) {
+      REMAT_CHECK(dqkv && dout && qkv && out && lse && workspace,
+                  "attention_backward_fused: null pointer");
+      REMAT_CHECK(aligned16(qkv) && aligned16(dout) && aligned16(dqkv) && aligned16(workspace),
+                  "attention_backward_fused: pointers must be 16-byte aligned");
+      NvtxRange range("attention_backward_fused");
+      const FusedWorkspace w = fused_workspace(B, T, C, NH);
+      p.qkv = qkv;
+      p.out = const_cast<Elem*>(out);  // read only in the backward
+      p.lse = const_cast<float*>(lse);
+      p.dout = dout;
+      p.dqkv = dqkv;
+      p.D = workspace;
+      p.dq_acc = workspace + w.d_floats;
+      p.dq_sem = reinterpret_cast<unsigned*>(p.dq_acc + w.acc_floats);
+      p.tile_counter = p.dq_sem + w.sem_count;
+      const long rows = static_cast<long>(B) * T * NH;
+      attn_bwd_dot_kernel<Elem><<<ceil_div(rows, 8), 256, 0, stream>>>(p);
+      REMAT_CUDA_LAUNCH_CHECK(stream);
+      if (p.HD == 64) {
+        launch_bwd_fused_tc<64>(p, w.sem_count, stream);
+      } else {
+        launch_bwd_fused_tc<128>(p, w.sem_count, stream);
+      }
+      return;
+    }
+  }
+  // No fused kernel here (fp32, other head dims): the two-pass backward, D at the start.
+  attention_backward(dqkv, dout, qkv, out, lse, B, T, C, NH, workspace, stream, NKV);
+}
+
 template void attention_forward<float>(float*, float*, const float*, int, int, int, int,
                                        cudaStream_t, int);
 template void attention_forward<bf16>(bf16*, float*, const bf16*, int, int, int, int, cudaStream_t,
@@ -886,5 +1079,11 @@ template void attention_backward<float>(float*, const float*, const float*, cons
                                         int);
 template void attention_backward<bf16>(bf16*, const bf16*, const bf16*, const bf16*, const float*,
                                        int, int, int, int, float*, cudaStream_t, int);
+template void attention_backward_fused<float>(float*, const float*, const float*, const float*,
+                                              const float*, int, int, int, int, float*,
+                                              cudaStream_t, int);
+template void attention_backward_fused<bf16>(bf16*, const bf16*, const bf16*, const bf16*,
+                                             const float*, int, int, int, int, float*,
+                                             cudaStream_t, int);
 
 }  // namespace remat::cuda

@@ -53,5 +53,21 @@ void attention_backward(Elem* dqkv, const Elem* dout, const Elem* qkv, const Ele
                         const float* lse, int B, int T, int C, int NH, float* workspace,
                         cudaStream_t stream, int NKV = 0);
 
+// Scratch floats attention_backward_fused needs (>= attention_backward_workspace_floats):
+// D, a (B, NH, T, HD) fp32 dQ accumulator and the ordering semaphores.
+size_t attention_backward_fused_workspace_floats(int B, int T, int C, int NH);
+
+// UNVERIFIED on a GPU (written without one; attention_backward stays the default until a GPU
+// run of tests/gpu/test_attention_bwd_gpu.cu passes). Same contract as attention_backward,
+// workspace sized by attention_backward_fused_workspace_floats and 16-byte aligned. bf16 with
+// HD in {64, 128}: one pass for dK, dV and dQ (5 GEMM-equivalents against the two-pass 7).
+// Deterministic, no float atomics: dK and dV as in attention_backward (the same code, so the
+// same bits); each query block's dQ is summed over key blocks in a fixed (descending) order
+// that per-block semaphores in the workspace enforce. Other cases run attention_backward.
+template <typename Elem>
+void attention_backward_fused(Elem* dqkv, const Elem* dout, const Elem* qkv, const Elem* out,
+                              const float* lse, int B, int T, int C, int NH, float* workspace,
+                              cudaStream_t stream, int NKV = 0);
+
 }  // namespace remat::cuda
 #endif  // REMAT_WITH_CUDA
