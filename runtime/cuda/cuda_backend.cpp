@@ -5,6 +5,7 @@
 #include <cuda_bf16.h>
 #include <cuda_runtime_api.h>
 
+#include <cstdlib>
 #include <cstring>
 #include <map>
 #include <string>
@@ -155,6 +156,9 @@ class CudaBackend final : public Backend {
     need = std::max(need, cuda::layernorm_backward_workspace_floats(int(n), C) * sizeof(float));
     need = std::max(need, cuda::rmsnorm_backward_workspace_floats(int(n), C) * sizeof(float));
     need = std::max(need, cuda::attention_backward_workspace_floats(B, T, NH) * sizeof(float));
+    if (fused_attention_backward())
+      need = std::max(need, cuda::attention_backward_fused_workspace_floats(B, T, C, NH) *
+                                sizeof(float));
     need = std::max(need, cuda::gradnorm_workspace_floats() * sizeof(float));
     need = std::max(need, size_t(Vp) * sizeof(Elem));  // classifier_logits of one row
     // cuDNN's backward (when chosen) builds its graphs here.
@@ -327,11 +331,34 @@ class CudaBackend final : public Backend {
     s->launch([=] { cuda::attention_forward(E(out), lse, E(qkv), B, T, C, NH, native(s), NKV); },
               label, block);
   }
+  // REMAT_ATTENTION_BACKWARD=fused runs cuda::attention_backward_fused (one pass, dQ summed in
+  // a semaphore-ordered fixed order; UNVERIFIED on a GPU until its tests pass there); unset or
+  // "two-pass" keeps cuda::attention_backward. Read once per process.
+  static bool fused_attention_backward() {
+    static const bool fused = [] {
+      const char* v = std::getenv("REMAT_ATTENTION_BACKWARD");
+      const std::string mode = v ? v : "";
+      REMAT_REQUIRE(mode.empty() || mode == "two-pass" || mode == "fused",
+                    "REMAT_ATTENTION_BACKWARD: expected two-pass or fused, got '" + mode + "'");
+      return mode == "fused";
+    }();
+    return fused;
+  }
   void attention_backward(Stream* s, void* dqkv, const void* dout, const void* qkv, const void* out,
                           const float* lse, int B, int T, int C, int NH, int NKV, const char* label,
                           int block) override {
     if (use_cudnn_)
       return cudnn_attention_backward(s, dqkv, dout, qkv, out, lse, B, T, C, NH, NKV, label, block);
+    if (fused_attention_backward()) {
+      return s->launch(
+          [=] {
+            float* ws = static_cast<float*>(scratch(
+                cuda::attention_backward_fused_workspace_floats(B, T, C, NH) * sizeof(float)));
+            cuda::attention_backward_fused(E(dqkv), E(dout), E(qkv), E(out), lse, B, T, C, NH, ws,
+                                           native(s), NKV);
+          },
+          label, block);
+    }
     s->launch(
         [=] {
           float* ws = static_cast<float*>(
