@@ -90,6 +90,16 @@ void check_config(const ModelConfig& c, const std::string& where) {
                   " is odd; rotary embeddings need it even");
     if (!(c.norm_eps > 0) || !(c.rope_theta > 0))
       throw Error(where + ": the norm epsilon and the rotary base must be positive");
+    if (!c.rope_scaling.empty() && c.rope_scaling != "linear" && c.rope_scaling != "llama3")
+      throw Error(where + ": rope scaling '" + c.rope_scaling +
+                  "' is not supported (none, linear or llama3)");
+    if (!c.rope_scaling.empty() && !(c.rope_factor > 0))
+      throw Error(where + ": the rope scaling factor must be positive");
+    if (c.rope_scaling == "llama3" &&
+        !(c.rope_original_max_pos > 0 && c.rope_high_freq_factor > c.rope_low_freq_factor &&
+          c.rope_low_freq_factor > 0))
+      throw Error(where + ": llama3 rope scaling needs original_max_position_embeddings > 0 "
+                          "and high_freq_factor > low_freq_factor > 0");
   }
   // Every factor is < 2^31, so each term (at most 4 factors plus 4 below) fits in 128 bits.
   using u128 = unsigned __int128;
@@ -111,6 +121,7 @@ std::string describe(const ModelConfig& c) {
   s += " V=" + std::to_string(c.vocab_size) + " (padded " + std::to_string(c.padded_vocab) +
        ") maxT=" + std::to_string(c.max_seq_len);
   if (c.is_llama()) {
+    if (!c.rope_scaling.empty()) s += " rope-" + c.rope_scaling;
     if (c.qkv_bias) s += " qkv-bias";
     s += c.tied_embeddings ? " tied" : " untied";
   }
@@ -139,6 +150,16 @@ ModelConfig preset_config(const std::string& name, int vocab) {
     c.rope_theta = p.theta;
     c.qkv_bias = p.qkv_bias;
     c.tied_embeddings = p.tied;
+    // Llama 3.1 and 3.2 stretch their rotary frequencies from an 8192-token original
+    // (rope_scaling "llama3": factor 8 for 3.1, 32 for 3.2; low 1, high 4).
+    const std::string n = p.name;
+    if (n.rfind("llama-3.1", 0) == 0 || n.rfind("llama-3.2", 0) == 0) {
+      c.rope_scaling = "llama3";
+      c.rope_factor = n.rfind("llama-3.1", 0) == 0 ? 8.0f : 32.0f;
+      c.rope_low_freq_factor = 1.0f;
+      c.rope_high_freq_factor = 4.0f;
+      c.rope_original_max_pos = 8192;
+    }
     return c;
   }
   for (const Preset& p : kPresets) {

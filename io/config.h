@@ -28,6 +28,12 @@ struct ModelConfig {
   float rope_theta = 10000.0f;   // rotary base
   bool qkv_bias = true;          // biases on the q, k, v projections (GPT-2, Qwen2)
   bool tied_embeddings = true;   // the classifier reads the token embedding
+  // Rope scaling (Hugging Face's rope_scaling): "" none, "linear" (every frequency divided by
+  // rope_factor) or "llama3" (Llama 3.1/3.2: low frequencies divided by rope_factor, high ones
+  // kept, a smooth blend between, by the wavelengths against rope_original_max_pos).
+  std::string rope_scaling;
+  float rope_factor = 1.0f, rope_low_freq_factor = 1.0f, rope_high_freq_factor = 4.0f;
+  int rope_original_max_pos = 0;
 
   int kv_heads() const { return num_kv_heads > 0 ? num_kv_heads : num_heads; }
   int head_dim() const { return channels / num_heads; }

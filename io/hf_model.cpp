@@ -160,9 +160,19 @@ ModelConfig config_from_hf(const HFConfig& h, const std::string& path) {
   if (c.intermediate <= 0) refuse("intermediate_size must be positive");
   if (h.o_bias) refuse("a bias on o_proj (attention_bias) is not supported; q/k/v biases are");
   if (h.mlp_bias) refuse("MLP biases (mlp_bias) are not supported");
-  if (!h.rope_scaling_type.empty())
+  if (!h.rope_scaling_type.empty() && h.rope_scaling_type != "linear" &&
+      h.rope_scaling_type != "llama3")
     refuse("rope_scaling of type '" + h.rope_scaling_type +
-           "' is not supported yet (plain rotary embeddings only)");
+           "' is not supported (none, linear and llama3 are)");
+  c.rope_scaling = h.rope_scaling_type;
+  if (!c.rope_scaling.empty()) {
+    c.rope_factor = static_cast<float>(h.rope_scaling_factor);
+    if (c.rope_scaling == "llama3") {
+      c.rope_low_freq_factor = static_cast<float>(h.rope_low_freq_factor);
+      c.rope_high_freq_factor = static_cast<float>(h.rope_high_freq_factor);
+      c.rope_original_max_pos = h.rope_original_max_position_embeddings;
+    }
+  }
   // A window at least as long as the sequence is full attention: the longest sequence remat
   // accepts for this model is the window, so nothing it runs needs the sliding window.
   if (h.sliding_window > 0 && h.sliding_window < c.max_seq_len) c.max_seq_len = h.sliding_window;
@@ -187,6 +197,13 @@ HFConfig hf_from_config(const ModelConfig& c) {
     h.hidden_act = "silu";
     h.tie_word_embeddings = c.tied_embeddings;
     h.qkv_bias = c.qkv_bias;
+    h.rope_scaling_type = c.rope_scaling;
+    if (!c.rope_scaling.empty()) h.rope_scaling_factor = c.rope_factor;
+    if (c.rope_scaling == "llama3") {
+      h.rope_low_freq_factor = c.rope_low_freq_factor;
+      h.rope_high_freq_factor = c.rope_high_freq_factor;
+      h.rope_original_max_position_embeddings = c.rope_original_max_pos;
+    }
     if (c.model_type == "qwen2") h.max_window_layers = c.num_layers;
   } else {
     h.num_key_value_heads = c.num_heads;

@@ -57,6 +57,12 @@ void check_model_matches(const ModelConfig& want, const ModelConfig& got, const 
     if (f.want != f.got)
       throw Error(path + ": model has " + f.name + " = " + std::to_string(f.got) +
                   " but the run expects " + std::to_string(f.want));
+  if (want.rope_scaling != got.rope_scaling || want.rope_factor != got.rope_factor ||
+      want.rope_low_freq_factor != got.rope_low_freq_factor ||
+      want.rope_high_freq_factor != got.rope_high_freq_factor ||
+      want.rope_original_max_pos != got.rope_original_max_pos)
+    throw Error(path + ": model's rope scaling '" + got.rope_scaling +
+                "' differs from the run's '" + want.rope_scaling + "'");
   if (want.norm_eps != got.norm_eps || want.rope_theta != got.rope_theta)
     throw Error(path + ": model has norm epsilon " + std::to_string(got.norm_eps) +
                 " and rope theta " + std::to_string(got.rope_theta) + " but the run expects " +

@@ -13,7 +13,8 @@ namespace remat {
 namespace {
 
 constexpr size_t kHeaderBytes = 112;  // version 1: everything before the arrays
-constexpr size_t kModelBlockBytes = 48;  // version 2 adds the Llama family's fields
+constexpr size_t kModelBlockBytes = 72;  // version 2 adds the Llama family's fields
+constexpr int kModelInts = 12;
 constexpr size_t kModelTypeBytes = 24;
 constexpr size_t kChunkBytes = 1 << 20;
 
@@ -97,10 +98,16 @@ void save_train_state(const std::string& path, const TrainState& s) {
   const bool v2 = s.config.family != Family::kGPT2;
   if (v2) {
     std::memcpy(h.bytes + 4, &kTrainStateVersion, 4);
-    int32_t f[6] = {1, s.config.num_kv_heads, s.config.intermediate, 0, 0,
-                    (s.config.qkv_bias ? 1 : 0) | (s.config.tied_embeddings ? 2 : 0)};
+    const std::string& rs = s.config.rope_scaling;
+    int32_t f[kModelInts] = {1, s.config.num_kv_heads, s.config.intermediate, 0, 0,
+                             (s.config.qkv_bias ? 1 : 0) | (s.config.tied_embeddings ? 2 : 0),
+                             rs.empty() ? 0 : rs == "linear" ? 1 : 2, 0, 0, 0,
+                             s.config.rope_original_max_pos, 0};
     std::memcpy(&f[3], &s.config.norm_eps, 4);
     std::memcpy(&f[4], &s.config.rope_theta, 4);
+    std::memcpy(&f[7], &s.config.rope_factor, 4);
+    std::memcpy(&f[8], &s.config.rope_low_freq_factor, 4);
+    std::memcpy(&f[9], &s.config.rope_high_freq_factor, 4);
     std::memcpy(model_block, f, sizeof f);
     REMAT_REQUIRE(s.config.model_type.size() < kModelTypeBytes,
                   path + ": model type '" + s.config.model_type + "' is too long");
@@ -168,7 +175,7 @@ TrainState load_train_state(const std::string& path) {
     uint8_t mb[kModelBlockBytes];
     r.read(mb, kModelBlockBytes, "the model block");
     hash = fnv1a(mb, kModelBlockBytes, hash);
-    int32_t f[6];
+    int32_t f[kModelInts];
     std::memcpy(f, mb, sizeof f);
     if (f[0] != 1)
       throw Error(path + ": corrupt training state: unknown model family " + std::to_string(f[0]));
@@ -179,6 +186,13 @@ TrainState load_train_state(const std::string& path) {
     std::memcpy(&s.config.rope_theta, &f[4], 4);
     s.config.qkv_bias = (f[5] & 1) != 0;
     s.config.tied_embeddings = (f[5] & 2) != 0;
+    if (f[6] < 0 || f[6] > 2)
+      throw Error(path + ": corrupt training state: unknown rope scaling " + std::to_string(f[6]));
+    s.config.rope_scaling = f[6] == 0 ? "" : f[6] == 1 ? "linear" : "llama3";
+    std::memcpy(&s.config.rope_factor, &f[7], 4);
+    std::memcpy(&s.config.rope_low_freq_factor, &f[8], 4);
+    std::memcpy(&s.config.rope_high_freq_factor, &f[9], 4);
+    s.config.rope_original_max_pos = f[10];
     const char* mt = reinterpret_cast<const char*>(mb + sizeof f);
     s.config.model_type.assign(mt, strnlen(mt, kModelTypeBytes - 1));
     if (s.config.model_type != "llama" && s.config.model_type != "qwen2" &&

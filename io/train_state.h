@@ -6,9 +6,11 @@
 // uint64 reserved (written 0, ignored on read: once a counter nothing used); uint64 lengths of
 // params, m, v (floats) and extra_json (bytes); the params, m and v arrays (fp32); the extra_json
 // bytes; then a uint64 FNV-1a hash of every byte before it. GPT-2 states are version 1.
-// Version 2 (the Llama family) puts a 48-byte model block after the 112-byte header, before
+// Version 2 (the Llama family) puts a 72-byte model block after the 112-byte header, before
 // the arrays: int32 family (1 = Llama family), NKV, I; float32 norm epsilon, rope theta;
-// int32 flags (1: qkv biases, 2: tied embedding); the model type, 24 bytes zero-padded.
+// int32 flags (1: qkv biases, 2: tied embedding); int32 rope scaling (0 none, 1 linear,
+// 2 llama3); float32 its factor, low and high frequency factors; int32 its original maximum
+// position, int32 reserved; the model type, 24 bytes zero-padded.
 #pragma once
 #include <cstdint>
 #include <string>

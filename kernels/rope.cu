@@ -10,6 +10,8 @@
 // (identical bits); cos and sin are full-precision sincosf (the CPU rounds double cos/sin of the
 // same angle, so the two differ by about an fp32 ulp).
 #include <cmath>
+#include <string>
+#include <vector>
 
 #include "kernels/cuda_common.cuh"
 #include "kernels/rope.h"
@@ -96,11 +98,11 @@ __global__ void rope_kernel(const __grid_constant__ RopeParams<E> p) {
 
 template <typename E>
 void rope_impl(const char* who, E* out, const E* inp, int B, int T_, int NH, int NKV, int HD,
-               float theta, float sign, cudaStream_t stream) {
+               const float* inv_freq, float sign, cudaStream_t stream) {
   REMAT_CHECK(B >= 0 && T_ >= 0 && NH > 0 && NKV > 0 && HD > 0 && HD % 2 == 0 &&
-                  HD / 2 <= kMaxHalf && theta > 0.f,
+                  HD / 2 <= kMaxHalf && inv_freq,
               std::string(who) + ": need B, T >= 0, NH, NKV > 0, even 0 < HD <= " +
-                  std::to_string(2 * kMaxHalf) + ", theta > 0; got B=" + std::to_string(B) +
+                  std::to_string(2 * kMaxHalf) + ", frequencies; got B=" + std::to_string(B) +
                   " T=" + std::to_string(T_) + " NH=" + std::to_string(NH) +
                   " NKV=" + std::to_string(NKV) + " HD=" + std::to_string(HD));
   const long N = static_cast<long>(B) * T_;
@@ -118,8 +120,7 @@ void rope_impl(const char* who, E* out, const E* inp, int B, int T_, int NH, int
   p.HD = HD;
   p.sign = sign;
   const int half = HD / 2;
-  for (int i = 0; i < half; ++i)
-    p.inv_freq[i] = 1.0f / powf(theta, static_cast<float>(2 * i) / static_cast<float>(HD));
+  for (int i = 0; i < half; ++i) p.inv_freq[i] = inv_freq[i];
   constexpr int kN = Pack16<E>::kN;
   if (half % kN == 0 && aligned16(out) && aligned16(inp)) {
     p.chunks = half / kN;
@@ -133,20 +134,49 @@ void rope_impl(const char* who, E* out, const E* inp, int B, int T_, int NH, int
 
 }  // namespace
 
+// The default frequencies, as the CPU reference forms them (the same powf on the host).
+static std::vector<float> default_inv_freq(int HD, float theta) {
+  REMAT_CHECK(theta > 0.f && HD > 0 && HD % 2 == 0,
+              "rope: theta must be positive and HD even, got theta=" + std::to_string(theta) +
+                  " HD=" + std::to_string(HD));
+  std::vector<float> f(HD / 2);
+  for (int i = 0; i < HD / 2; ++i)
+    f[i] = 1.0f / powf(theta, static_cast<float>(2 * i) / static_cast<float>(HD));
+  return f;
+}
+
+template <typename Elem>
+void rope_forward(Elem* out, const Elem* inp, int B, int T, int NH, int NKV, int HD,
+                  const float* inv_freq, cudaStream_t stream) {
+  rope_impl<Elem>("rope_forward", out, inp, B, T, NH, NKV, HD, inv_freq, 1.f, stream);
+}
+
+template <typename Elem>
+void rope_backward(Elem* dinp, const Elem* dout, int B, int T, int NH, int NKV, int HD,
+                   const float* inv_freq, cudaStream_t stream) {
+  rope_impl<Elem>("rope_backward", dinp, dout, B, T, NH, NKV, HD, inv_freq, -1.f, stream);
+}
+
 template <typename Elem>
 void rope_forward(Elem* out, const Elem* inp, int B, int T, int NH, int NKV, int HD, float theta,
                   cudaStream_t stream) {
-  rope_impl<Elem>("rope_forward", out, inp, B, T, NH, NKV, HD, theta, 1.f, stream);
+  const std::vector<float> f = default_inv_freq(HD, theta);
+  rope_forward(out, inp, B, T, NH, NKV, HD, f.data(), stream);
 }
 
 template <typename Elem>
 void rope_backward(Elem* dinp, const Elem* dout, int B, int T, int NH, int NKV, int HD, float theta,
                    cudaStream_t stream) {
-  rope_impl<Elem>("rope_backward", dinp, dout, B, T, NH, NKV, HD, theta, -1.f, stream);
+  const std::vector<float> f = default_inv_freq(HD, theta);
+  rope_backward(dinp, dout, B, T, NH, NKV, HD, f.data(), stream);
 }
 
-#define REMAT_INSTANTIATE(E)                                                                 \
-  template void rope_forward<E>(E*, const E*, int, int, int, int, int, float, cudaStream_t); \
+#define REMAT_INSTANTIATE(E)                                                                   \
+  template void rope_forward<E>(E*, const E*, int, int, int, int, int, const float*,          \
+                                cudaStream_t);                                                 \
+  template void rope_backward<E>(E*, const E*, int, int, int, int, int, const float*,         \
+                                 cudaStream_t);                                                \
+  template void rope_forward<E>(E*, const E*, int, int, int, int, int, float, cudaStream_t);   \
   template void rope_backward<E>(E*, const E*, int, int, int, int, int, float, cudaStream_t);
 REMAT_INSTANTIATE(float)
 REMAT_INSTANTIATE(__nv_bfloat16)

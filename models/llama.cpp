@@ -1,11 +1,41 @@
 #include "models/llama.h"
 
+#include <cmath>
 #include <unordered_map>
 
 #include "base/error.h"
 #include "io/params.h"
+#include "kernels/rope.h"
 
 namespace remat {
+
+std::vector<float> llama_inv_freq(const ModelConfig& c) {
+  const int HD = c.head_dim();
+  std::vector<float> f(HD / 2);
+  cpu::rope_default_inv_freq(f.data(), HD, c.rope_theta);
+  if (c.rope_scaling == "linear") {
+    for (float& x : f) x = x / c.rope_factor;
+  } else if (c.rope_scaling == "llama3") {
+    const float old_len = static_cast<float>(c.rope_original_max_pos);
+    const float low_wavelen = old_len / c.rope_low_freq_factor;
+    const float high_wavelen = old_len / c.rope_high_freq_factor;
+    const float two_pi = static_cast<float>(2.0 * M_PI);
+    for (float& x : f) {
+      const float wavelen = two_pi / x;
+      const float scaled = wavelen > low_wavelen ? x / c.rope_factor : x;
+      if (wavelen < high_wavelen || wavelen > low_wavelen) {
+        x = scaled;
+      } else {
+        const float smooth = (old_len / wavelen - c.rope_low_freq_factor) /
+                             (c.rope_high_freq_factor - c.rope_low_freq_factor);
+        x = (1.0f - smooth) * scaled / c.rope_factor + smooth * scaled;
+      }
+    }
+  } else {
+    REMAT_REQUIRE(c.rope_scaling.empty(), "rope scaling '" + c.rope_scaling + "' is not supported");
+  }
+  return f;
+}
 
 std::shared_ptr<const Program> llama_program(const ModelConfig& c, int B, int T) {
   REMAT_REQUIRE(T <= c.max_seq_len, "sequence length " + std::to_string(T) +
@@ -14,6 +44,7 @@ std::shared_ptr<const Program> llama_program(const ModelConfig& c, int B, int T)
   const int L = c.num_layers, C = c.channels, NH = c.num_heads, NKV = c.kv_heads();
   const int Q = c.qkv_width(), F = c.mlp_width();
   const float eps = c.norm_eps;
+  const std::vector<float> inv_freq = llama_inv_freq(c);
   ProgramBuilder b(B, T);
   std::unordered_map<std::string, ParamId> id;
   for (const ParamTensor& t : param_table(c)) id[t.name] = b.param(t.name, t.offset, t.count(), t.decay);
@@ -41,7 +72,7 @@ std::shared_ptr<const Program> llama_program(const ModelConfig& c, int B, int T)
     }
     const ParamId qkv_b = c.qkv_bias ? layer(l, "self_attn.qkv_proj.bias") : -1;
     TensorId qkv = b.matmul(ln1, layer(l, "self_attn.qkv_proj.weight"), qkv_b, Q, "qkv");
-    TensorId qkvr = b.rope(qkv, NH, NKV, c.rope_theta, "qkvr");
+    TensorId qkvr = b.rope(qkv, NH, NKV, inv_freq, "qkvr");
     TensorId attn = b.attention(qkvr, NH, NKV, "attn");
     TensorId proj = b.matmul(attn, layer(l, "self_attn.o_proj.weight"), -1, C, "attproj");
     TensorId ln2;

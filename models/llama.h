@@ -18,4 +18,10 @@ namespace remat {
 // checkpoint. The residual add at a block boundary is fused with the next RMSNorm.
 std::shared_ptr<const Program> llama_program(const ModelConfig& c, int B, int T);
 
+// The HD/2 rotation frequencies of c: Hugging Face's default 1 / theta^(2i/HD), then c's rope
+// scaling as transformers computes it in fp32 (linear: divided by the factor; llama3: the
+// wavelengths 2 pi / f above original_max / low_freq_factor divided by the factor, those
+// below original_max / high_freq_factor kept, a linear blend between).
+std::vector<float> llama_inv_freq(const ModelConfig& c);
+
 }  // namespace remat

@@ -130,11 +130,12 @@ class Backend {
                               const char* label, int block) = 0;
   virtual void swiglu_backward(Stream* s, void* dinp, const void* inp, const void* dout, int N,
                                int I, const char* label, int block) = 0;
-  // Rotary embedding of packed qkv (kernels/rope.h); dinp overwritten.
+  // Rotary embedding of packed qkv (kernels/rope.h); dinp overwritten. inv_freq: HD/2 host
+  // values that stay valid while the program lives.
   virtual void rope_forward(Stream* s, void* out, const void* inp, int B, int T, int NH, int NKV,
-                            int HD, float theta, const char* label, int block) = 0;
+                            int HD, const float* inv_freq, const char* label, int block) = 0;
   virtual void rope_backward(Stream* s, void* dinp, const void* dout, int B, int T, int NH, int NKV,
-                             int HD, float theta, const char* label, int block) = 0;
+                             int HD, const float* inv_freq, const char* label, int block) = 0;
   // Causal attention with NH query heads and NKV key/value heads (kernels/attention.h); qkv
   // (B, T, C + 2 NKV C / NH); dqkv overwritten.
   virtual void attention_forward(Stream* s, void* out, float* lse, const void* qkv, int B, int T,

@@ -333,14 +333,15 @@ class CpuBackend final : public Backend {
         s, [=] { cpu::swiglu_backward(F(dinp), F(inp), F(dout), N, I); }, label, block);
   }
   void rope_forward(Stream* s, void* out, const void* inp, int B, int T, int NH, int NKV, int HD,
-                    float theta, const char* label, int block) override {
+                    const float* inv_freq, const char* label, int block) override {
     compute(
-        s, [=] { cpu::rope_forward(F(out), F(inp), B, T, NH, NKV, HD, theta); }, label, block);
+        s, [=] { cpu::rope_forward(F(out), F(inp), B, T, NH, NKV, HD, inv_freq); }, label, block);
   }
   void rope_backward(Stream* s, void* dinp, const void* dout, int B, int T, int NH, int NKV,
-                     int HD, float theta, const char* label, int block) override {
+                     int HD, const float* inv_freq, const char* label, int block) override {
     compute(
-        s, [=] { cpu::rope_backward(F(dinp), F(dout), B, T, NH, NKV, HD, theta); }, label, block);
+        s, [=] { cpu::rope_backward(F(dinp), F(dout), B, T, NH, NKV, HD, inv_freq); }, label,
+        block);
   }
   void attention_forward(Stream* s, void* out, float* lse, const void* qkv, int B, int T, int C,
                          int NH, int NKV, const char* label, int block) override {

@@ -487,8 +487,8 @@ struct Executor::Impl {
         be->swiglu_forward(s, out[0]->ptr, in(0), N, C, label, op.block);
         break;
       case OpKind::kRope:
-        be->rope_forward(s, out[0]->ptr, in(0), op.B, op.T, op.NH, op.NKV, op.HD, op.theta, label,
-                         op.block);
+        be->rope_forward(s, out[0]->ptr, in(0), op.B, op.T, op.NH, op.NKV, op.HD,
+                         op.inv_freq.data(), label, op.block);
         break;
       case OpKind::kAttention:
         be->attention_forward(s, out[0]->ptr, extra_of(*out[0], op.out[0]), in(0), op.B, op.T, C,
@@ -903,8 +903,8 @@ struct Executor::Impl {
             be->swiglu_backward(s, dx, x, dout, N, C, label, op.block);
             break;
           case OpKind::kRope:
-            be->rope_backward(s, dx, dout, op.B, op.T, op.NH, op.NKV, op.HD, op.theta, label,
-                              op.block);
+            be->rope_backward(s, dx, dout, op.B, op.T, op.NH, op.NKV, op.HD, op.inv_freq.data(),
+                              label, op.block);
             break;
           case OpKind::kAttention: {
             const float* lse = extra_of(blk[out], out);

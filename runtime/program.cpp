@@ -363,11 +363,12 @@ TensorId ProgramBuilder::swiglu(TensorId x, const std::string& name) {
   return op.out[0];
 }
 
-TensorId ProgramBuilder::rope(TensorId qkv, int NH, int NKV, float theta,
+TensorId ProgramBuilder::rope(TensorId qkv, int NH, int NKV, std::vector<float> inv_freq,
                               const std::string& name) {
   const TensorDesc in = p_.tensors.at(qkv);  // a copy: add_tensor may move the vector
   const int HD = packed_head_dim(in.cols, NH, NKV, name);
-  REMAT_CHECK(HD % 2 == 0, "program: rope '" + name + "' needs an even head dimension");
+  REMAT_CHECK(HD % 2 == 0 && inv_freq.size() == size_t(HD / 2),
+              "program: rope '" + name + "' needs an even head dimension and HD/2 frequencies");
   OpDesc op;
   op.kind = OpKind::kRope;
   op.name = name;
@@ -377,7 +378,7 @@ TensorId ProgramBuilder::rope(TensorId qkv, int NH, int NKV, float theta,
   op.NH = NH;
   op.NKV = NKV;
   op.HD = HD;
-  op.theta = theta;
+  op.inv_freq = std::move(inv_freq);
   add_op(op);
   return op.out[0];
 }

@@ -87,8 +87,8 @@ struct OpDesc {
   // width; rope: the packed row width); OC out-features (matmul); NH query heads, NKV
   // key/value heads, HD head dimension (attention, rope); V, Vp vocab.
   int B = 0, T = 0, N = 0, C = 0, OC = 0, NH = 0, NKV = 0, HD = 0, V = 0, Vp = 0;
-  float eps = 1e-5f;    // RMSNorm epsilon
-  float theta = 0.0f;   // rotary base (rope)
+  float eps = 1e-5f;             // RMSNorm epsilon
+  std::vector<float> inv_freq;  // rope: the HD/2 rotation frequencies
   // Trace and NVTX labels (filled by finish()): "fwd.qkv", "bwd.qkv", "recompute.qkv", and
   // the zeroing of a new accumulated gradient, "bwd.zero_dx".
   std::string fwd_label, bwd_label, rc_label, zero_label;
@@ -172,8 +172,10 @@ class ProgramBuilder {
   TensorId gelu(TensorId x, const std::string& name);
   // x (N, 2I) = [gate | up] -> (N, I).
   TensorId swiglu(TensorId x, const std::string& name);
-  // Packed qkv with NH query and NKV key/value heads -> the same with q and k rotated.
-  TensorId rope(TensorId qkv, int NH, int NKV, float theta, const std::string& name);
+  // Packed qkv with NH query and NKV key/value heads -> the same with q and k rotated by the
+  // HD/2 frequencies inv_freq (kernels/rope.h).
+  TensorId rope(TensorId qkv, int NH, int NKV, std::vector<float> inv_freq,
+                const std::string& name);
   // Packed qkv (C + 2 NKV C / NH columns) -> (N, C); NKV = NH without grouped-query attention.
   TensorId attention(TensorId qkv, int NH, int NKV, const std::string& name);
   void classifier(TensorId x, ParamId wte, int V, int Vp, const std::string& name);

@@ -157,14 +157,14 @@ class CheckingBackend final : public Backend {
     cpu().swiglu_backward(s, dinp, inp, dout, N, I, label, block);
   }
   void rope_forward(Stream* s, void* out, const void* inp, int B, int T, int NH, int NKV, int HD,
-                    float theta, const char* label, int block) override {
+                    const float* inv_freq, const char* label, int block) override {
     note("rope_forward", s, label);
-    cpu().rope_forward(s, out, inp, B, T, NH, NKV, HD, theta, label, block);
+    cpu().rope_forward(s, out, inp, B, T, NH, NKV, HD, inv_freq, label, block);
   }
   void rope_backward(Stream* s, void* dinp, const void* dout, int B, int T, int NH, int NKV,
-                     int HD, float theta, const char* label, int block) override {
+                     int HD, const float* inv_freq, const char* label, int block) override {
     note("rope_backward", s, label);
-    cpu().rope_backward(s, dinp, dout, B, T, NH, NKV, HD, theta, label, block);
+    cpu().rope_backward(s, dinp, dout, B, T, NH, NKV, HD, inv_freq, label, block);
   }
   void attention_forward(Stream* s, void* out, float* lse, const void* qkv, int B, int T, int C,
                          int NH, int NKV, const char* label, int block) override {

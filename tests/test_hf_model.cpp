@@ -44,14 +44,26 @@ void expect_same_model(const HFModel& a, const ModelConfig& c, const std::vector
   EXPECT_EQ(a.config.rope_theta, c.rope_theta);
   EXPECT_EQ(a.config.qkv_bias, c.qkv_bias);
   EXPECT_EQ(a.config.tied_embeddings, c.tied_embeddings);
+  EXPECT_EQ(a.config.rope_scaling, c.rope_scaling);
+  EXPECT_EQ(a.config.rope_factor, c.rope_factor);
+  EXPECT_EQ(a.config.rope_low_freq_factor, c.rope_low_freq_factor);
+  EXPECT_EQ(a.config.rope_high_freq_factor, c.rope_high_freq_factor);
+  EXPECT_EQ(a.config.rope_original_max_pos, c.rope_original_max_pos);
   ASSERT_EQ(a.params.size(), p.size());
   EXPECT_EQ(std::memcmp(a.params.data(), p.data(), p.size() * 4), 0);
 }
 
 TEST(HFModel, EveryFamilyRoundTripsBitForBit) {
-  for (const char* preset : {"tiny", "llama-tiny", "qwen2-tiny"}) {
+  for (const char* preset : {"tiny", "llama-tiny", "qwen2-tiny", "llama3"}) {
     SCOPED_TRACE(preset);
-    const ModelConfig c = small(preset);
+    ModelConfig c = small(std::string(preset) == "llama3" ? "llama-tiny" : preset);
+    if (std::string(preset) == "llama3") {  // with Llama 3's rope scaling
+      c.rope_scaling = "llama3";
+      c.rope_factor = 32;
+      c.rope_low_freq_factor = 1;
+      c.rope_high_freq_factor = 4;
+      c.rope_original_max_pos = 32;
+    }
     const auto p = test::init(c, 5);
     test::TempDir dir;
     save_hf_model(dir.path, c, p.data());

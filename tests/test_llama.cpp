@@ -11,6 +11,7 @@
 #include "base/error.h"
 #include "io/params.h"
 #include "io/train_state.h"
+#include "models/llama.h"
 #include "models/model.h"
 #include "models/trainer.h"
 #include "tests/tiny_model.h"
@@ -273,6 +274,52 @@ TEST(LlamaPresets, TrueParameterCounts) {
     SCOPED_TRACE(k.name);
     EXPECT_EQ(num_params(preset_config(k.name)), k.params);
   }
+}
+
+// Llama 3's rope scaling: frequencies of short wavelength kept, long ones divided by the
+// factor, a blend between; the training state and a Hugging Face directory keep it.
+TEST(LlamaPresets, Llama3RopeScaling) {
+  ModelConfig c = llama_config();
+  c.channels = 64;  // HD = 16: wavelengths 6.3, 19.9, 62.8, ... reach all three bands
+  const std::vector<float> plain = llama_inv_freq(c);
+  c.rope_scaling = "llama3";
+  c.rope_factor = 8;
+  c.rope_low_freq_factor = 1;
+  c.rope_high_freq_factor = 4;
+  c.rope_original_max_pos = 32;
+  ASSERT_NO_THROW(check_config(c, "x"));
+  const std::vector<float> scaled = llama_inv_freq(c);
+  ASSERT_EQ(plain.size(), scaled.size());
+  int kept = 0, divided = 0, blended = 0;
+  for (size_t i = 0; i < plain.size(); i++) {
+    const double wavelen = 2 * M_PI / plain[i];
+    if (wavelen < 8) {
+      EXPECT_EQ(scaled[i], plain[i]);
+      kept++;
+    } else if (wavelen > 32) {
+      EXPECT_FLOAT_EQ(scaled[i], plain[i] / 8);
+      divided++;
+    } else {
+      EXPECT_LT(scaled[i], plain[i]);
+      EXPECT_GT(scaled[i], plain[i] / 8);
+      blended++;
+    }
+  }
+  EXPECT_GT(kept, 0);
+  EXPECT_GT(divided, 0);
+  EXPECT_GT(blended, 0);
+  TrainState st;
+  st.config = c;
+  st.params = test::init(c, 2);
+  test::TempDir dir;
+  save_train_state(dir / "s.bin", st);
+  const ModelConfig back = load_train_state(dir / "s.bin").config;
+  EXPECT_EQ(back.rope_scaling, "llama3");
+  EXPECT_EQ(back.rope_factor, 8.0f);
+  EXPECT_EQ(back.rope_original_max_pos, 32);
+  EXPECT_EQ(llama_inv_freq(back), scaled);
+  c.rope_scaling = "yarn";
+  EXPECT_THROW(check_config(c, "x"), Error);
 }
 
 TEST(LlamaPresets, ConfigChecks) {

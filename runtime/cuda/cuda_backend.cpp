@@ -315,14 +315,16 @@ class CudaBackend final : public Backend {
               block);
   }
   void rope_forward(Stream* s, void* out, const void* inp, int B, int T, int NH, int NKV, int HD,
-                    float theta, const char* label, int block) override {
-    s->launch([=] { cuda::rope_forward(E(out), E(inp), B, T, NH, NKV, HD, theta, native(s)); },
-              label, block);
+                    const float* inv_freq, const char* label, int block) override {
+    s->launch(
+        [=] { cuda::rope_forward(E(out), E(inp), B, T, NH, NKV, HD, inv_freq, native(s)); },
+        label, block);
   }
   void rope_backward(Stream* s, void* dinp, const void* dout, int B, int T, int NH, int NKV, int HD,
-                     float theta, const char* label, int block) override {
-    s->launch([=] { cuda::rope_backward(E(dinp), E(dout), B, T, NH, NKV, HD, theta, native(s)); },
-              label, block);
+                     const float* inv_freq, const char* label, int block) override {
+    s->launch(
+        [=] { cuda::rope_backward(E(dinp), E(dout), B, T, NH, NKV, HD, inv_freq, native(s)); },
+        label, block);
   }
   void attention_forward(Stream* s, void* out, float* lse, const void* qkv, int B, int T, int C,
                          int NH, int NKV, const char* label, int block) override {
