@@ -32,8 +32,9 @@ ModelChoice choose_model(const std::string& model, int vocab, bool want_params) 
     m.from_file = true;
   } else {
     REMAT_REQUIRE(!file_exists(model) || model.find('/') == std::string::npos,
-                  model + ": not a model: a Hugging Face model directory holds config.json and "
-                          "model.safetensors, an llm.c checkpoint ends in .bin");
+                  model +
+                      ": not a model: a Hugging Face model directory holds config.json and "
+                      "model.safetensors, an llm.c checkpoint ends in .bin");
     m.config = preset_config(model, vocab);
   }
   return m;

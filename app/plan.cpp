@@ -10,6 +10,7 @@
 #include "base/error.h"
 #include "io/llmc_model.h"
 #include "io/params.h"
+#include "models/data_parallel.h"
 #include "models/model.h"
 #include "models/trainer.h"
 #include "runtime/fit.h"
@@ -31,6 +32,10 @@ int cmd_plan(int argc, const char* const* argv) {
       .add("recompute", "none", "checkpoint policy (see remat train --help)")
       .add("offload", "none", "tensors kept in host memory (see remat train --help)")
       .flag("offload-optimizer", "fp32 master weights and AdamW moments in pinned host memory")
+      .add("world", "1",
+           "ranks of a data-parallel run (mpirun -np N remat train): print one rank's memory")
+      .add("zero", "0", "with --world: 1 shards the optimizer state by rank (ZeRO-1)")
+      .add("bucket-bytes", "25MiB", "with --world: gradient bytes per reduction")
       .add("link-gbps", "0",
            "host <-> device bandwidth the offload model assumes, GB/s (0: 25 for bf16/CUDA, "
            "10 for the CPU backend's copy thread)")
@@ -74,12 +79,11 @@ int cmd_plan(int argc, const char* const* argv) {
       bool optimizer;
       const char* name;
     };
-    const Policy policies[] = {
-        {"none", "none", false, "none"},
-        {"selective", "none", false, "selective"},
-        {"full", "none", false, "full"},
-        {"full", "input", false, "full + input offload"},
-        {"full", "input", true, "full + input offload + optimizer offload"}};
+    const Policy policies[] = {{"none", "none", false, "none"},
+                               {"selective", "none", false, "selective"},
+                               {"full", "none", false, "full"},
+                               {"full", "input", false, "full + input offload"},
+                               {"full", "input", true, "full + input offload + optimizer offload"}};
     auto device_bytes = [&](const Policy& p, int b) {
       auto prog = model_program(c, b, T);
       Plan q = parse_plan(p.recompute, plan_schema(*prog));
@@ -88,8 +92,8 @@ int cmd_plan(int argc, const char* const* argv) {
     };
     nlohmann::ordered_json rows = nlohmann::ordered_json::array();
     if (!o.get_bool("json"))
-      std::printf("largest micro-batch at T=%d, %s, within %s of device memory:\n", T,
-                  dts.c_str(), format_bytes(mem).c_str());
+      std::printf("largest micro-batch at T=%d, %s, within %s of device memory:\n", T, dts.c_str(),
+                  format_bytes(mem).c_str());
     for (const Policy& p : policies) {
       int lo = 0, hi = 1;  // lo fits (0: nothing does), hi is the next to try
       while (hi <= (1 << 20) && device_bytes(p, hi) <= mem) {
@@ -148,6 +152,10 @@ int cmd_plan(int argc, const char* const* argv) {
   dry.forward_backward(nullptr, nullptr, nullptr, nullptr, 1.0f);
   MemoryReport r =
       memory_report(c, B, T, plan, dt, dry.stats(), cm, &dry.host_stats(), offload_optimizer);
+  const int world = o.get_positive("world"), zero = o.get_count("zero");
+  REMAT_REQUIRE(zero == 0 || zero == 1, "--zero must be 0 or 1, got " + o.get("zero"));
+  const DataParallelMemory dpm = apply_data_parallel(r, num_params(c), dt, world, zero == 1,
+                                                     parse_bytes(o.get("bucket-bytes")));
   const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
 
   const Program& prog = dry.program();
@@ -183,6 +191,12 @@ int cmd_plan(int argc, const char* const* argv) {
     j["optimizer_link_bytes_per_step"] = static_cast<uint64_t>(r.optimizer_link_bytes);
     j["device_total_bytes"] = static_cast<uint64_t>(r.device_total_bytes);
     j["host_total_bytes"] = static_cast<uint64_t>(r.host_total_bytes);
+    if (world > 1) {  // the byte counts above are one rank's
+      j["world"] = world;
+      j["zero"] = zero;
+      j["shard_params"] = static_cast<uint64_t>(dpm.shard_params);
+      j["comm_bytes"] = static_cast<uint64_t>(dpm.comm_bytes);
+    }
     j["host_activation_peak_bytes"] = static_cast<uint64_t>(r.host_activation_peak);
     j["copy_bytes_per_step"] = static_cast<uint64_t>(r.copy_bytes);
     j["copy_seconds_model"] = rounded("%.6g", r.copy_seconds);
@@ -205,11 +219,11 @@ int cmd_plan(int argc, const char* const* argv) {
     std::printf("model %s: %s, %.1fM parameters\n", model.c_str(), describe(c).c_str(),
                 num_params(c) / 1e6);
   else
-    std::printf("model %s: L=%d C=%d NH=%d V=%d, %.1fM parameters\n", model.c_str(),
-                c.num_layers, c.channels, c.num_heads, c.vocab_size, num_params(c) / 1e6);
+    std::printf("model %s: L=%d C=%d NH=%d V=%d, %.1fM parameters\n", model.c_str(), c.num_layers,
+                c.channels, c.num_heads, c.vocab_size, num_params(c) / 1e6);
   std::printf("%s", fit_note.c_str());
-  std::printf("run: B=%d T=%d, %s activations, lookahead %d, recompute %s%s\n\n", B, T,
-              dts.c_str(), so.lookahead, plan.spec.c_str(),
+  std::printf("run: B=%d T=%d, %s activations, lookahead %d, recompute %s%s\n\n", B, T, dts.c_str(),
+              so.lookahead, plan.spec.c_str(),
               plan.offload_spec.empty() ? "" : (", offload " + plan.offload_spec).c_str());
   std::printf("  %-6s %14s   %s\n", "kind", "bytes/block", "recomputed in blocks");
   for (size_t k = 0; k < K; k++) {
@@ -232,7 +246,13 @@ int cmd_plan(int argc, const char* const* argv) {
               format_bytes(r.workspace_peak).c_str());
   std::printf("  %-34s %14s\n", "arena peak (activations + workspace)",
               format_bytes(r.arena_peak).c_str());
+  if (world > 1 && dpm.comm_bytes > 0)
+    std::printf("  %-34s %14s\n", "communication (accumulator, buckets)",
+                format_bytes(dpm.comm_bytes).c_str());
   std::printf("  %-34s %14s\n", "total", format_bytes(r.total_bytes).c_str());
+  if (world > 1)
+    std::printf("  (per rank of %d%s: %.1fM parameters in the largest shard)\n", world,
+                zero ? ", ZeRO-1 optimizer state sharded" : "", dpm.shard_params / 1e6);
   if (plan.any_offload() || r.optimizer_on_host) {
     std::printf("  %-34s %14s\n", "device total", format_bytes(r.device_total_bytes).c_str());
     std::printf("  %-34s %14s\n", "host total (pinned)", format_bytes(r.host_total_bytes).c_str());
@@ -247,10 +267,9 @@ int cmd_plan(int argc, const char* const* argv) {
       for (const auto& row : plan.offload) n += row[k];
       if (n) what += (what.empty() ? "" : ", ") + prog.slots[k] + " in " + std::to_string(n);
     }
-    std::printf(
-        "\noffload: %s; %s copied per step (out and back), modelled %.2f ms at %.0f GB/s\n",
-        what.c_str(), format_bytes(r.copy_bytes).c_str(), 1e3 * r.copy_seconds,
-        cm.link_bytes_per_s / 1e9);
+    std::printf("\noffload: %s; %s copied per step (out and back), modelled %.2f ms at %.0f GB/s\n",
+                what.c_str(), format_bytes(r.copy_bytes).c_str(), 1e3 * r.copy_seconds,
+                cm.link_bytes_per_s / 1e9);
   }
   if (r.optimizer_on_host)
     std::printf(

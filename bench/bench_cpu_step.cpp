@@ -126,9 +126,8 @@ int main(int argc, char** argv) {
   if (!write.empty()) {
     FILE* f = std::fopen(write.c_str(), "w");
     if (!f) return 1;
-    std::fprintf(
-        f, "| step (%s, B=%d, T=%d, %d threads, fp32) | min ms | mean ms | GFLOP/s |\n",
-        what.c_str(), B, T, threads);
+    std::fprintf(f, "| step (%s, B=%d, T=%d, %d threads, fp32) | min ms | mean ms | GFLOP/s |\n",
+                 what.c_str(), B, T, threads);
     std::fprintf(f, "| --- | --- | --- | --- |\n");
     std::fprintf(f, "| remat blocked sgemm | %.0f | %.0f | %.1f |\n", fast.ms_min, fast.ms_mean,
                  flops / fast.ms_min / 1e6);

@@ -38,8 +38,7 @@ constexpr LlamaPreset kLlamaPresets[] = {
     {"llama-mini", "llama", 4, 4, 2, 128, 352, 0, 128, 1e-5f, 10000.0f, false, true, true},
     {"llama-small", "llama", 6, 6, 2, 192, 512, 0, 256, 1e-5f, 10000.0f, false, true, true},
     {"qwen2-tiny", "qwen2", 2, 4, 2, 32, 64, 0, 64, 1e-6f, 1000000.0f, true, false, true},
-    {"llama-100m", "llama", 12, 12, 4, 768, 2048, 32000, 2048, 1e-5f, 10000.0f, false, true,
-     false},
+    {"llama-100m", "llama", 12, 12, 4, 768, 2048, 32000, 2048, 1e-5f, 10000.0f, false, true, false},
     {"tinyllama-1.1b", "llama", 22, 32, 4, 2048, 5632, 32000, 2048, 1e-5f, 10000.0f, false, false,
      false},
     {"llama-3.2-1b", "llama", 16, 32, 8, 2048, 8192, 128256, 131072, 1e-5f, 500000.0f, false, true,
@@ -82,9 +81,9 @@ void check_config(const ModelConfig& c, const std::string& where) {
     if (c.num_kv_heads < 0 || c.intermediate < 0)
       throw Error(where + ": model dimensions must be positive (" + dims_string(c) + ")");
     if (c.num_heads % c.kv_heads() != 0)
-      throw Error(where + ": the head count NH=" + std::to_string(c.num_heads) +
-                  " is not a multiple of the key/value head count NKV=" +
-                  std::to_string(c.kv_heads()));
+      throw Error(
+          where + ": the head count NH=" + std::to_string(c.num_heads) +
+          " is not a multiple of the key/value head count NKV=" + std::to_string(c.kv_heads()));
     if (c.head_dim() % 2 != 0)
       throw Error(where + ": the head dimension C/NH=" + std::to_string(c.head_dim()) +
                   " is odd; rotary embeddings need it even");
@@ -98,8 +97,9 @@ void check_config(const ModelConfig& c, const std::string& where) {
     if (c.rope_scaling == "llama3" &&
         !(c.rope_original_max_pos > 0 && c.rope_high_freq_factor > c.rope_low_freq_factor &&
           c.rope_low_freq_factor > 0))
-      throw Error(where + ": llama3 rope scaling needs original_max_position_embeddings > 0 "
-                          "and high_freq_factor > low_freq_factor > 0");
+      throw Error(where +
+                  ": llama3 rope scaling needs original_max_position_embeddings > 0 "
+                  "and high_freq_factor > low_freq_factor > 0");
   }
   // Every factor is < 2^31, so each term (at most 4 factors plus 4 below) fits in 128 bits.
   using u128 = unsigned __int128;

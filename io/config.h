@@ -22,12 +22,12 @@ struct ModelConfig {
   int num_heads = 12;        // NH
   int channels = 768;        // C
   // The Llama family (GPT-2 keeps these defaults).
-  int num_kv_heads = 0;          // NKV (grouped-query attention); 0 = num_heads
-  int intermediate = 0;          // MLP hidden width I; 0 = 4 C (GPT-2)
-  float norm_eps = 1e-5f;        // LayerNorm / RMSNorm epsilon
-  float rope_theta = 10000.0f;   // rotary base
-  bool qkv_bias = true;          // biases on the q, k, v projections (GPT-2, Qwen2)
-  bool tied_embeddings = true;   // the classifier reads the token embedding
+  int num_kv_heads = 0;         // NKV (grouped-query attention); 0 = num_heads
+  int intermediate = 0;         // MLP hidden width I; 0 = 4 C (GPT-2)
+  float norm_eps = 1e-5f;       // LayerNorm / RMSNorm epsilon
+  float rope_theta = 10000.0f;  // rotary base
+  bool qkv_bias = true;         // biases on the q, k, v projections (GPT-2, Qwen2)
+  bool tied_embeddings = true;  // the classifier reads the token embedding
   // Rope scaling (Hugging Face's rope_scaling): "" none, "linear" (every frequency divided by
   // rope_factor) or "llama3" (Llama 3.1/3.2: low frequencies divided by rope_factor, high ones
   // kept, a smooth blend between, by the wavelengths against rope_original_max_pos).

@@ -81,11 +81,11 @@ std::vector<HFBinding> gpt2_bindings(const ModelConfig& c) {
     bool transpose;
   };
   const Kind kinds[] = {
-      {2, "ln_1.weight", C, 1, false},         {3, "ln_1.bias", C, 1, false},
+      {2, "ln_1.weight", C, 1, false},           {3, "ln_1.bias", C, 1, false},
       {4, "attn.c_attn.weight", 3 * C, C, true}, {5, "attn.c_attn.bias", 3 * C, 1, false},
-      {6, "attn.c_proj.weight", C, C, true},   {7, "attn.c_proj.bias", C, 1, false},
-      {8, "ln_2.weight", C, 1, false},         {9, "ln_2.bias", C, 1, false},
-      {10, "mlp.c_fc.weight", 4 * C, C, true}, {11, "mlp.c_fc.bias", 4 * C, 1, false},
+      {6, "attn.c_proj.weight", C, C, true},     {7, "attn.c_proj.bias", C, 1, false},
+      {8, "ln_2.weight", C, 1, false},           {9, "ln_2.bias", C, 1, false},
+      {10, "mlp.c_fc.weight", 4 * C, C, true},   {11, "mlp.c_fc.bias", 4 * C, 1, false},
       {12, "mlp.c_proj.weight", C, 4 * C, true}, {13, "mlp.c_proj.bias", C, 1, false},
   };
   for (size_t l = 0; l < L; l++) {
@@ -241,8 +241,8 @@ HFModel load_hf_model(const std::string& dir) {
   const SafetensorsCheckpoint ck(dir);
   const std::vector<HFBinding> binds = hf_bindings(m.config);
   // GPT-2 files from the original release name tensors without the "transformer." prefix.
-  const bool bare = !m.config.is_llama() && !ck.contains("transformer.wte.weight") &&
-                    ck.contains("wte.weight");
+  const bool bare =
+      !m.config.is_llama() && !ck.contains("transformer.wte.weight") && ck.contains("wte.weight");
   m.params.assign(num_params(m.config), 0.0f);
   std::vector<char> used;
   std::vector<std::string> names = ck.names();

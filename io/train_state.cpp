@@ -12,7 +12,7 @@
 namespace remat {
 namespace {
 
-constexpr size_t kHeaderBytes = 112;  // version 1: everything before the arrays
+constexpr size_t kHeaderBytes = 112;     // version 1: everything before the arrays
 constexpr size_t kModelBlockBytes = 72;  // version 2 adds the Llama family's fields
 constexpr int kModelInts = 12;
 constexpr size_t kModelTypeBytes = 24;
@@ -99,10 +99,20 @@ void save_train_state(const std::string& path, const TrainState& s) {
   if (v2) {
     std::memcpy(h.bytes + 4, &kTrainStateVersion, 4);
     const std::string& rs = s.config.rope_scaling;
-    int32_t f[kModelInts] = {1, s.config.num_kv_heads, s.config.intermediate, 0, 0,
+    int32_t f[kModelInts] = {1,
+                             s.config.num_kv_heads,
+                             s.config.intermediate,
+                             0,
+                             0,
                              (s.config.qkv_bias ? 1 : 0) | (s.config.tied_embeddings ? 2 : 0),
-                             rs.empty() ? 0 : rs == "linear" ? 1 : 2, 0, 0, 0,
-                             s.config.rope_original_max_pos, 0};
+                             rs.empty()       ? 0
+                             : rs == "linear" ? 1
+                                              : 2,
+                             0,
+                             0,
+                             0,
+                             s.config.rope_original_max_pos,
+                             0};
     std::memcpy(&f[3], &s.config.norm_eps, 4);
     std::memcpy(&f[4], &s.config.rope_theta, 4);
     std::memcpy(&f[7], &s.config.rope_factor, 4);
@@ -170,8 +180,8 @@ TrainState load_train_state(const std::string& path) {
   if (version == 2) {
     header += kModelBlockBytes;
     if (r.size() < header + sizeof(uint64_t))
-      throw Error(path + ": truncated training state: the file holds " +
-                  std::to_string(r.size()) + " bytes, less than its header and checksum");
+      throw Error(path + ": truncated training state: the file holds " + std::to_string(r.size()) +
+                  " bytes, less than its header and checksum");
     uint8_t mb[kModelBlockBytes];
     r.read(mb, kModelBlockBytes, "the model block");
     hash = fnv1a(mb, kModelBlockBytes, hash);
@@ -197,8 +207,8 @@ TrainState load_train_state(const std::string& path) {
     s.config.model_type.assign(mt, strnlen(mt, kModelTypeBytes - 1));
     if (s.config.model_type != "llama" && s.config.model_type != "qwen2" &&
         s.config.model_type != "mistral")
-      throw Error(path + ": corrupt training state: unknown model type '" +
-                  s.config.model_type + "'");
+      throw Error(path + ": corrupt training state: unknown model type '" + s.config.model_type +
+                  "'");
   }
 
   check_config(s.config, path);

@@ -171,12 +171,12 @@ void rope_backward(Elem* dinp, const Elem* dout, int B, int T, int NH, int NKV, 
   rope_backward(dinp, dout, B, T, NH, NKV, HD, f.data(), stream);
 }
 
-#define REMAT_INSTANTIATE(E)                                                                   \
-  template void rope_forward<E>(E*, const E*, int, int, int, int, int, const float*,          \
-                                cudaStream_t);                                                 \
-  template void rope_backward<E>(E*, const E*, int, int, int, int, int, const float*,         \
-                                 cudaStream_t);                                                \
-  template void rope_forward<E>(E*, const E*, int, int, int, int, int, float, cudaStream_t);   \
+#define REMAT_INSTANTIATE(E)                                                                 \
+  template void rope_forward<E>(E*, const E*, int, int, int, int, int, const float*,         \
+                                cudaStream_t);                                               \
+  template void rope_backward<E>(E*, const E*, int, int, int, int, int, const float*,        \
+                                 cudaStream_t);                                              \
+  template void rope_forward<E>(E*, const E*, int, int, int, int, int, float, cudaStream_t); \
   template void rope_backward<E>(E*, const E*, int, int, int, int, int, float, cudaStream_t);
 REMAT_INSTANTIATE(float)
 REMAT_INSTANTIATE(__nv_bfloat16)

@@ -19,8 +19,7 @@ void rope_default_inv_freq(float* inv_freq, int HD, float theta);
 void rope_forward(float* out, const float* inp, int B, int T, int NH, int NKV, int HD,
                   const float* inv_freq);
 // The default frequencies of theta.
-void rope_forward(float* out, const float* inp, int B, int T, int NH, int NKV, int HD,
-                  float theta);
+void rope_forward(float* out, const float* inp, int B, int T, int NH, int NKV, int HD, float theta);
 
 // dinp = rope^T(dout) (overwritten: the rotation by -angle on q and k, v copied). It needs
 // no forward values. dinp must not alias dout.
@@ -54,8 +53,8 @@ template <typename Elem>
 void rope_forward(Elem* out, const Elem* inp, int B, int T, int NH, int NKV, int HD, float theta,
                   cudaStream_t stream);
 template <typename Elem>
-void rope_backward(Elem* dinp, const Elem* dout, int B, int T, int NH, int NKV, int HD,
-                   float theta, cudaStream_t stream);
+void rope_backward(Elem* dinp, const Elem* dout, int B, int T, int NH, int NKV, int HD, float theta,
+                   cudaStream_t stream);
 
 }  // namespace remat::cuda
 #endif  // REMAT_WITH_CUDA

@@ -47,7 +47,8 @@ std::shared_ptr<const Program> llama_program(const ModelConfig& c, int B, int T)
   const std::vector<float> inv_freq = llama_inv_freq(c);
   ProgramBuilder b(B, T);
   std::unordered_map<std::string, ParamId> id;
-  for (const ParamTensor& t : param_table(c)) id[t.name] = b.param(t.name, t.offset, t.count(), t.decay);
+  for (const ParamTensor& t : param_table(c))
+    id[t.name] = b.param(t.name, t.offset, t.count(), t.decay);
   auto param = [&](const std::string& name) {
     auto it = id.find(name);
     REMAT_CHECK(it != id.end(), "llama: no parameter " + name);

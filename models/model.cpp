@@ -25,7 +25,7 @@ double step_flops(const ModelConfig& c, int B, int T) {
 }
 
 ModelRunner::ModelRunner(const ModelConfig& c, int B, int T, Plan plan, ActDType dtype,
-                       ScheduleOptions opt, bool dry, Backend* backend)
+                         ScheduleOptions opt, bool dry, Backend* backend)
     : Executor(model_program(c, B, T), std::move(plan), dtype, opt, dry, backend), B_(B), T_(T) {}
 
 MemoryReport memory_report(const ModelConfig& c, int B, int T, const Plan& plan, ActDType dt,

@@ -30,7 +30,7 @@ double step_flops(const ModelConfig& c, int B, int T);
 class ModelRunner : public Executor {
  public:
   ModelRunner(const ModelConfig& c, int B, int T, Plan plan, ActDType dtype, ScheduleOptions opt,
-             bool dry, Backend* backend = nullptr);
+              bool dry, Backend* backend = nullptr);
   int B() const { return B_; }
   int T() const { return T_; }
 
@@ -42,15 +42,15 @@ class ModelRunner : public Executor {
 struct MemoryReport {
   uint64_t params_bytes = 0;  // working weights (bf16 copy on CUDA bf16; fp32 otherwise)
   uint64_t grads_bytes = 0;
-  uint64_t optimizer_bytes = 0;  // AdamW m, v (+ fp32 master weights when params are bf16)
-  bool optimizer_on_host = false;  // --offload-optimizer: optimizer_bytes are host memory
+  uint64_t optimizer_bytes = 0;       // AdamW m, v (+ fp32 master weights when params are bf16)
+  bool optimizer_on_host = false;     // --offload-optimizer: optimizer_bytes are host memory
   uint64_t optimizer_link_bytes = 0;  // per step: the update reads and writes them across the link
   double optimizer_link_seconds = 0;
-  uint64_t activation_peak = 0;  // high-water of activations in the arena
-  uint64_t workspace_peak = 0;   // high-water of activation gradients and scratch
-  uint64_t arena_peak = 0;       // high-water of both together (the reservation)
-  uint64_t total_bytes = 0;      // params + grads + optimizer + arena_peak: the device's
-  uint64_t device_total_bytes = 0;  // the same (named for the JSON beside host_total_bytes)
+  uint64_t activation_peak = 0;       // high-water of activations in the arena
+  uint64_t workspace_peak = 0;        // high-water of activation gradients and scratch
+  uint64_t arena_peak = 0;            // high-water of both together (the reservation)
+  uint64_t total_bytes = 0;           // params + grads + optimizer + arena_peak: the device's
+  uint64_t device_total_bytes = 0;    // the same (named for the JSON beside host_total_bytes)
   uint64_t host_activation_peak = 0;  // high-water of offloaded activations (host arena)
   uint64_t host_total_bytes = 0;      // what the run keeps in (pinned) host memory
   uint64_t copy_bytes = 0;            // offload traffic per step, both directions

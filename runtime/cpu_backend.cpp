@@ -319,8 +319,8 @@ class CpuBackend final : public Backend {
                         const void* w, const float* rstd, int N, int C, const char* label,
                         int block) override {
     compute(
-        s, [=] { cpu::rmsnorm_backward(F(dinp), F(dw), F(dout), F(inp), F(w), rstd, N, C); },
-        label, block);
+        s, [=] { cpu::rmsnorm_backward(F(dinp), F(dw), F(dout), F(inp), F(w), rstd, N, C); }, label,
+        block);
   }
   void swiglu_forward(Stream* s, void* out, const void* inp, int N, int I, const char* label,
                       int block) override {
@@ -337,8 +337,8 @@ class CpuBackend final : public Backend {
     compute(
         s, [=] { cpu::rope_forward(F(out), F(inp), B, T, NH, NKV, HD, inv_freq); }, label, block);
   }
-  void rope_backward(Stream* s, void* dinp, const void* dout, int B, int T, int NH, int NKV,
-                     int HD, const float* inv_freq, const char* label, int block) override {
+  void rope_backward(Stream* s, void* dinp, const void* dout, int B, int T, int NH, int NKV, int HD,
+                     const float* inv_freq, const char* label, int block) override {
     compute(
         s, [=] { cpu::rope_backward(F(dinp), F(dout), B, T, NH, NKV, HD, inv_freq); }, label,
         block);

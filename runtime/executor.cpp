@@ -61,8 +61,7 @@ std::vector<ReplayStep> replay_of(const Program& p, const Plan& plan, int block)
     if (!any) continue;
     ReplayStep st;
     st.op = i;
-    st.norm_only =
-        is_residual_norm(op.kind) && !need[op.out[0]] && kept(p, plan, op.out[0]);
+    st.norm_only = is_residual_norm(op.kind) && !need[op.out[0]] && kept(p, plan, op.out[0]);
     const std::vector<TensorId> reads = st.norm_only ? std::vector<TensorId>{op.out[0]} : op.in;
     for (TensorId t : reads) {
       if (kept(p, plan, t) || need[t]) continue;
@@ -202,14 +201,14 @@ struct Executor::Impl {
   std::unique_ptr<Arena> host_arena;  // offloaded activations between forward and backward
 
   // Derived once.
-  std::vector<char> keep;           // kept by the plan in training
-  std::vector<char> offl;           // kept in host memory between forward and backward
+  std::vector<char> keep;  // kept by the plan in training
+  std::vector<char> offl;  // kept in host memory between forward and backward
   std::vector<std::vector<TensorId>> fetch_list;  // per block: its offloaded tensors
   std::vector<int> last_fwd_train;  // last forward use among the ops a training forward runs
   std::vector<std::vector<ParamId>> grads_final_at;  // per op: params whose gradient it finishes
   Executor::GradReadyHook grad_ready_hook;
-  std::vector<int> last_fwd_eval;   // last forward use, evaluation (all ops)
-  std::vector<int> last_bwd_read;   // lowest op index whose backward reads it, -1 none
+  std::vector<int> last_fwd_eval;                // last forward use, evaluation (all ops)
+  std::vector<int> last_bwd_read;                // lowest op index whose backward reads it, -1 none
   std::vector<std::vector<int>> replay_readers;  // blocks whose replay reads a stored tensor
   std::vector<std::vector<ReplayStep>> replay;   // per block
   std::vector<const char*> fwd_label, bwd_label, rc_label, zero_label;
@@ -283,8 +282,8 @@ struct Executor::Impl {
       arena = std::make_unique<Arena>(std::max<size_t>(need, Arena::kAlign), be->memory());
       host_memory = std::make_unique<HostMemory>(be);
       // No offload: an arena of one alignment unit (nothing is ever placed in it).
-      host_arena = std::make_unique<Arena>(std::max<size_t>(need_host, Arena::kAlign),
-                                           host_memory.get());
+      host_arena =
+          std::make_unique<Arena>(std::max<size_t>(need_host, Arena::kAlign), host_memory.get());
       int C = 1, NH = 1, Vp = 1;
       for (const OpDesc& op : P.ops) {
         C = std::max(C, op.C);
@@ -473,8 +472,8 @@ struct Executor::Impl {
           be->rmsnorm_forward(s, out[1]->ptr, rstd, blk[op.out[0]].ptr, w(op, 0), N, C, op.eps,
                               label, op.block);
         else
-          be->residual_rmsnorm_forward(s, out[0]->ptr, out[1]->ptr, rstd, in(0), in(1), w(op, 0),
-                                       N, C, op.eps, label, op.block);
+          be->residual_rmsnorm_forward(s, out[0]->ptr, out[1]->ptr, rstd, in(0), in(1), w(op, 0), N,
+                                       C, op.eps, label, op.block);
         break;
       }
       case OpKind::kMatmul:
@@ -573,8 +572,8 @@ struct Executor::Impl {
       be->copy_to_host(main.get(), dst.data(), blk[t].ptr, bytes, "verify.save", l);
     }
     copy->wait(main->record());
-    hblk[t] = host_arena->alloc(bytes, copy.get(), Phase::kForward, Usage::kActivation,
-                                tensor_name[t]);
+    hblk[t] =
+        host_arena->alloc(bytes, copy.get(), Phase::kForward, Usage::kActivation, tensor_name[t]);
     be->copy_to_host(copy.get(), hblk[t].ptr, blk[t].ptr, bytes, "offload.copy_out", l);
     // Its device bytes may be reused once the copy has read them.
     arena->free(blk[t], copy.get());
@@ -592,8 +591,8 @@ struct Executor::Impl {
     }
     for (TensorId t : fetch_list[l]) {
       const size_t bytes = P.tensor_bytes(t, es);
-      blk[t] = arena->alloc(bytes, copy.get(), Phase::kBackward, Usage::kActivation,
-                            tensor_name[t]);
+      blk[t] =
+          arena->alloc(bytes, copy.get(), Phase::kBackward, Usage::kActivation, tensor_name[t]);
       be->upload_async(copy.get(), blk[t].ptr, hblk[t].ptr, bytes, "offload.fetch");
       host_arena->free(hblk[t], copy.get());
     }
@@ -642,7 +641,9 @@ struct Executor::Impl {
   }
 
   // Block l has work ahead of its backward: offloaded tensors to fetch, tensors to rebuild.
-  bool prepares(int l) const { return plan.block_recomputes(l) || !fetch_list[l].empty(); }
+  bool prepares(int l) const {
+    return plan.block_recomputes(l) || !fetch_list[l].empty();
+  }
   void prepare(int l) {
     fetch(l);
     if (plan.block_recomputes(l)) recompute(l);

@@ -60,8 +60,8 @@ struct CostModel {
 // Per training step, what a plan's offloads move over the link: every offloaded tensor out
 // after the forward pass and back before the backward pass.
 struct CopyCost {
-  uint64_t bytes = 0;    // both directions
-  double seconds = 0;    // at the link's bandwidth
+  uint64_t bytes = 0;  // both directions
+  double seconds = 0;  // at the link's bandwidth
 };
 CopyCost copy_cost(const Program& p, const Plan& plan, int elem_bytes, const CostModel& m);
 double op_seconds(const OpDesc& op, int elem_bytes, const CostModel& m, bool norm_only = false);

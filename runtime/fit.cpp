@@ -28,8 +28,8 @@ std::string FitChoice::describe() const {
 }
 
 FitChoice evaluate_choice(const Plan& plan, bool offload_optimizer,
-                          std::shared_ptr<const Program> p, ActDType dt,
-                          const ScheduleOptions& opt, const CostModel& m) {
+                          std::shared_ptr<const Program> p, ActDType dt, const ScheduleOptions& opt,
+                          const CostModel& m) {
   FitChoice f;
   f.plan = plan;
   f.offload_optimizer = offload_optimizer;
@@ -79,9 +79,8 @@ FitChoice fit_plan(uint64_t budget, std::shared_ptr<const Program> p, ActDType d
       smallest = std::min(smallest, state + arena_peak(full));
       if (state >= budget || state + arena_peak(full) > budget) continue;
       const std::string spec = "budget:" + std::to_string(budget - state);
-      Plan q = plan_for_budget(
-          spec, budget - state, schema, costs, arena_peak,
-          [&](const Plan& x) { return recompute_cost(*p, x, es, m).seconds; });
+      Plan q = plan_for_budget(spec, budget - state, schema, costs, arena_peak,
+                               [&](const Plan& x) { return recompute_cost(*p, x, es, m).seconds; });
       if (!q.any_recompute()) q.spec = "none";
       const FitChoice f = evaluate_choice(with_offload(q), opt_off, p, dt, opt, m);
       REMAT_CHECK(f.device_bytes <= budget, "fit: the chosen plan does not fit its budget");
@@ -94,8 +93,8 @@ FitChoice fit_plan(uint64_t budget, std::shared_ptr<const Program> p, ActDType d
   if (!found)
     throw Error("--fit " + format_bytes(budget) + ": infeasible: the smallest device footprint " +
                 "(--recompute full --offload input --offload-optimizer) is " +
-                format_bytes(smallest) + " (" + std::to_string(smallest) +
-                " bytes); --fit " + std::to_string(smallest) + " is the smallest feasible");
+                format_bytes(smallest) + " (" + std::to_string(smallest) + " bytes); --fit " +
+                std::to_string(smallest) + " is the smallest feasible");
   return best;
 }
 

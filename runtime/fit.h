@@ -39,8 +39,8 @@ struct FitChoice {
 
 // The modelled costs of a given choice (its device and host bytes from a dry run).
 FitChoice evaluate_choice(const Plan& plan, bool offload_optimizer,
-                          std::shared_ptr<const Program> p, ActDType dt,
-                          const ScheduleOptions& opt, const CostModel& m);
+                          std::shared_ptr<const Program> p, ActDType dt, const ScheduleOptions& opt,
+                          const CostModel& m);
 
 // The least modelled step time that fits `device_budget` bytes. Throws remat::Error naming
 // the budget and the smallest feasible one (full recompute, inputs and optimizer offloaded)

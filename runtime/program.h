@@ -87,7 +87,7 @@ struct OpDesc {
   // width; rope: the packed row width); OC out-features (matmul); NH query heads, NKV
   // key/value heads, HD head dimension (attention, rope); V, Vp vocab.
   int B = 0, T = 0, N = 0, C = 0, OC = 0, NH = 0, NKV = 0, HD = 0, V = 0, Vp = 0;
-  float eps = 1e-5f;             // RMSNorm epsilon
+  float eps = 1e-5f;            // RMSNorm epsilon
   std::vector<float> inv_freq;  // rope: the HD/2 rotation frequencies
   // Trace and NVTX labels (filled by finish()): "fwd.qkv", "bwd.qkv", "recompute.qkv", and
   // the zeroing of a new accumulated gradient, "bwd.zero_dx".

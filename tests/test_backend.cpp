@@ -161,8 +161,8 @@ class CheckingBackend final : public Backend {
     note("rope_forward", s, label);
     cpu().rope_forward(s, out, inp, B, T, NH, NKV, HD, inv_freq, label, block);
   }
-  void rope_backward(Stream* s, void* dinp, const void* dout, int B, int T, int NH, int NKV,
-                     int HD, const float* inv_freq, const char* label, int block) override {
+  void rope_backward(Stream* s, void* dinp, const void* dout, int B, int T, int NH, int NKV, int HD,
+                     const float* inv_freq, const char* label, int block) override {
     note("rope_backward", s, label);
     cpu().rope_backward(s, dinp, dout, B, T, NH, NKV, HD, inv_freq, label, block);
   }
@@ -209,14 +209,15 @@ class CheckingBackend final : public Backend {
 };
 
 // The ops whose CUDA kernels use the backend's shared scratch.
-const std::set<std::string> kScratchOps = {"encoder_backward",   "layernorm_backward",
-                                           "rmsnorm_backward",   "attention_backward",
-                                           "sum_squares",        "classifier_logits"};
+const std::set<std::string> kScratchOps = {"encoder_backward", "layernorm_backward",
+                                           "rmsnorm_backward", "attention_backward",
+                                           "sum_squares",      "classifier_logits"};
 // What the recompute stream may run: the forward kernels.
-const std::set<std::string> kForwardOps = {
-    "layernorm_forward", "residual_layernorm_forward", "rmsnorm_forward",
-    "residual_rmsnorm_forward", "matmul_forward", "gelu_forward", "swiglu_forward",
-    "rope_forward", "attention_forward", "host_task"};
+const std::set<std::string> kForwardOps = {"layernorm_forward", "residual_layernorm_forward",
+                                           "rmsnorm_forward",   "residual_rmsnorm_forward",
+                                           "matmul_forward",    "gelu_forward",
+                                           "swiglu_forward",    "rope_forward",
+                                           "attention_forward", "host_task"};
 
 class BackendContract : public ::testing::TestWithParam<const char*> {};
 

@@ -7,7 +7,6 @@
 #include <cstring>
 #include <fstream>
 #include <functional>
-
 #include <nlohmann/json.hpp>
 
 #include "base/error.h"
@@ -162,7 +161,8 @@ TEST(HFModel, TrainOutWritesADirectoryThatLoadsAgain) {
   ASSERT_EQ(r.code(), 0) << r.describe() << r.err;
   const HFModel back = load_hf_model(dir / "out");
   EXPECT_EQ(back.config.kv_heads(), c.kv_heads());
-  EXPECT_NE(std::memcmp(back.params.data(), p.data(), p.size() * 4), 0) << "training changed nothing";
+  EXPECT_NE(std::memcmp(back.params.data(), p.data(), p.size() * 4), 0)
+      << "training changed nothing";
   // And it trains again from there.
   a.back() = dir / "out2";
   a[2] = dir / "out";
@@ -296,11 +296,12 @@ TEST(HFModel, BadDirectoriesNameFileAndProblem) {
 TEST(HFModel, TrainsLikeTransformers) {
   const char* py = std::getenv("REMAT_HF_PYTHON");
   const std::string python = py && *py ? py : "python3";
-  const auto r = test::run_shell(test::shell_quote(python) + " " +
-                                 test::shell_quote(std::string(REMAT_SOURCE_DIR) +
-                                                   "/tests/hf/check_transformers.py") +
-                                 " " + test::shell_quote(REMAT_BINARY));
-  if (r.status == 77) GTEST_SKIP() << "torch or transformers missing for " << python << ": " << r.output;
+  const auto r = test::run_shell(
+      test::shell_quote(python) + " " +
+      test::shell_quote(std::string(REMAT_SOURCE_DIR) + "/tests/hf/check_transformers.py") + " " +
+      test::shell_quote(REMAT_BINARY));
+  if (r.status == 77)
+    GTEST_SKIP() << "torch or transformers missing for " << python << ": " << r.output;
   EXPECT_EQ(r.status, 0) << r.output;
   EXPECT_TRUE(contains(r.output, "PASS")) << r.output;
   EXPECT_FALSE(contains(r.output, "FAIL")) << r.output;

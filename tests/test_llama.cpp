@@ -266,11 +266,11 @@ TEST(LlamaPresets, TrueParameterCounts) {
     const char* name;
     size_t params;
   };
-  for (const Known& k : {Known{"llama-3.2-1b", 1235814400ull}, Known{"llama-3.2-3b", 3212749824ull},
-                         Known{"llama-3.1-8b", 8030261248ull},
-                         Known{"tinyllama-1.1b", 1100048384ull},
-                         Known{"qwen2.5-0.5b", 494032768ull}, Known{"qwen2.5-1.5b", 1543714304ull},
-                         Known{"mistral-7b", 7248023552ull}}) {
+  for (const Known& k :
+       {Known{"llama-3.2-1b", 1235814400ull}, Known{"llama-3.2-3b", 3212749824ull},
+        Known{"llama-3.1-8b", 8030261248ull}, Known{"tinyllama-1.1b", 1100048384ull},
+        Known{"qwen2.5-0.5b", 494032768ull}, Known{"qwen2.5-1.5b", 1543714304ull},
+        Known{"mistral-7b", 7248023552ull}}) {
     SCOPED_TRACE(k.name);
     EXPECT_EQ(num_params(preset_config(k.name)), k.params);
   }

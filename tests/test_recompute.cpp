@@ -162,9 +162,9 @@ TEST_F(Policies, FitPlansFitAndTrainBitwiseLikeNone) {
     SCOPED_TRACE(budget);
     const FitChoice f = fit_plan(budget, prog, ActDType::kFP32, {}, m);
     EXPECT_LE(f.device_bytes, budget);
-    EXPECT_EQ(f.device_bytes,
-              evaluate_choice(f.plan, f.offload_optimizer, prog, ActDType::kFP32, {}, m)
-                  .device_bytes);
+    EXPECT_EQ(
+        f.device_bytes,
+        evaluate_choice(f.plan, f.offload_optimizer, prog, ActDType::kFP32, {}, m).device_bytes);
     if (last_seconds > 0) EXPECT_LE(f.seconds(), last_seconds) << "a looser budget costs more";
     last_seconds = f.seconds();
     expect_bitwise_equal(train_plan(*dir_ / "d.bin", f.plan, 5, 1, false, 3, f.offload_optimizer),

@@ -24,8 +24,8 @@ void check_shape(const char* who, int B, int T, int NH, int NKV, int HD, const f
 }
 
 void check_theta(const char* who, float theta) {
-  REMAT_CHECK(theta > 0.0f, std::string(who) + ": theta must be positive, got " +
-                                std::to_string(theta));
+  REMAT_CHECK(theta > 0.0f,
+              std::string(who) + ": theta must be positive, got " + std::to_string(theta));
 }
 
 // cos_t, sin_t (T, HD/2): position t, frequency i.
