@@ -63,7 +63,9 @@ FitChoice fit_plan(uint64_t budget, std::shared_ptr<const Program> p, ActDType d
   FitChoice best;
   uint64_t smallest = UINT64_MAX;
   for (bool opt_off : {false, true}) {
-    for (const char* offload : {"none", "input"}) {
+    // Offload: nothing, the block inputs, or the block inputs and every tensor the plan keeps
+    // (recompute then only pays where copies would be exposed).
+    for (const char* offload : {"none", "input", "input+kept"}) {
       const uint64_t state = state_device_bytes(n, dt, opt_off);
       auto with_offload = [&](Plan q) {
         apply_offload(q, offload);

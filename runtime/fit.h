@@ -3,7 +3,8 @@
 // The device footprint of a run is its state (weights, gradients and, unless offloaded, the
 // fp32 master weights and AdamW moments) plus the arena's peak (activations and workspace,
 // from a dry run of the real schedule). The choices: the optimizer state on the device or in
-// host memory; the block inputs kept or offloaded; and per saved tensor keep or recompute
+// host memory; nothing offloaded, the block inputs, or the inputs and every saved tensor the
+// plan keeps ("input+kept"); and per saved tensor keep or recompute
 // (the budget planner, runtime/plan.h, given the bytes left for the arena). The modelled
 // step time adds to the compute the recompute time, the part of the copy traffic the copy
 // stream cannot hide under the compute it overlaps (copies out under the forward pass,

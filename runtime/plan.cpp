@@ -42,10 +42,13 @@ void apply_offload(Plan& plan, const std::string& spec) {
         spec.substr(start, plus == std::string::npos ? std::string::npos : plus - start);
     if (name == "input") {
       for (size_t l = 1; l < L; l++) plan.offload_input[l] = 1;
+    } else if (name == "kept") {  // every saved tensor the plan keeps
+      for (size_t l = 0; l < L; l++)
+        for (size_t k = 0; k < S; k++) plan.offload[l][k] = !plan.recompute[l][k];
     } else {
       auto it = std::find(plan.slots.begin(), plan.slots.end(), name);
       if (it == plan.slots.end()) {
-        std::string known = "input";
+        std::string known = "input, kept";
         for (const std::string& k : plan.slots) known += ", " + k;
         throw Error("--offload '" + spec + "': unknown tensor '" + name + "' (known: " + known +
                     ")");

@@ -111,7 +111,7 @@ TEST_F(Policies, OffloadTrainsBitwiseLikeNone) {
   for (const Case& k : {Case{"none", "input"}, Case{"none", "input+qkv+gelu"},
                         Case{"none", "ln1+qkv+attn+r2+ln2+fch+gelu"}, Case{"full", "input"},
                         Case{"selective", "input+qkv+attn"}, Case{"attention", "input+fch"},
-                        Case{"every:2", "input"}}) {
+                        Case{"every:2", "input"}, Case{"selective", "input+kept"}}) {
     const std::string what = std::string(k.recompute) + " + offload " + k.offload;
     SCOPED_TRACE(what);
     expect_bitwise_equal(train(*dir_ / "d.bin", k.recompute, 5, 1, false, 3, k.offload), *none_,
