@@ -15,7 +15,8 @@
 //   rounding of an input of dS, hence 6.
 // - recompute and determinism: a second forward and a second backward are bitwise the first.
 // - pairing: the lse contract is shared, so cuDNN's backward on remat's forward and remat's
-//   backward on cuDNN's forward match the reference too.
+//   backward on cuDNN's forward match the reference too (6 ulps: the other forward's bf16 out
+//   enters D; a different lse convention, log2 or unscaled, would be off by O(1)).
 // - the CUDA backend routes attention_forward/backward to cuDNN after set_attention("cudnn").
 // Device tests skip without a device (saying so), and without cuDNN in the build;
 // REMAT_GPU_TEST_SMALL=1 keeps the smallest cases. The argument checks need no device.
@@ -354,7 +355,7 @@ TEST_F(CudnnAttentionGpu, PairsWithRematAttention) {
     ws_r.poison();
     cuda::attention_backward(dqkv.get(), dout.get(), qkv.get(), out_c.get(), lse_c.get(), c.B, c.T,
                              c.C(), c.NH, ws_r.get(), stream_, c.NKV);
-    expect_backward("remat backward on cudnn forward", c, dqkv.download(), r, 4);
+    expect_backward("remat backward on cudnn forward", c, dqkv.download(), r, 6);
   }
 #endif
 }
