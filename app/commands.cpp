@@ -1,5 +1,8 @@
 #include "app/commands.h"
 
+#include <chrono>
+#include <memory>
+
 #include "base/error.h"
 #include "io/hf_model.h"
 #include "io/llmc_model.h"
@@ -53,6 +56,27 @@ CostModel cost_model_for(ActDType dt, double link_gbps) {
   REMAT_REQUIRE(link_gbps >= 0, "--link-gbps must be >= 0");
   if (link_gbps > 0) m.link_bytes_per_s = link_gbps * 1e9;
   return m;
+}
+
+double measure_link_bytes_per_s(Backend& be) {
+  constexpr size_t kBytes = 64ull << 20;
+  constexpr int kRounds = 3;
+  void* host = be.alloc_host(kBytes);
+  void* dev = be.alloc(kBytes, "link probe");
+  std::unique_ptr<Stream> s = be.make_stream("remat-link-probe", 9);
+  be.upload_async(s.get(), dev, host, kBytes, "probe.warmup");
+  s->synchronize();
+  const auto t0 = std::chrono::steady_clock::now();
+  for (int i = 0; i < kRounds; i++) {
+    be.upload_async(s.get(), dev, host, kBytes, "probe.upload");
+    be.copy_to_host(s.get(), host, dev, kBytes, "probe.download", -1);
+  }
+  s->synchronize();
+  const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  s.reset();
+  be.release(dev);
+  be.release_host(host);
+  return secs > 0 ? 2.0 * kRounds * kBytes / secs : 0.0;
 }
 
 std::string model_option_help() {

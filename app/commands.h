@@ -39,6 +39,9 @@ ModelChoice choose_model(const std::string& model, int vocab, bool want_params);
 // The device a plan's cost model assumes: bf16 is the CUDA backend (H100-class compute and
 // memory bandwidth, 25 GB/s to the host), fp32 the CPU's; link_gbps > 0 overrides the link.
 CostModel cost_model_for(ActDType dt, double link_gbps = 0);
+// Host <-> device copy bandwidth, measured once: 64 MiB up and down three times between the
+// backend's pinned host memory and its device memory on a stream of its own.
+double measure_link_bytes_per_s(Backend& be);
 // The --model help line.
 std::string model_option_help();
 
