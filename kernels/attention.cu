@@ -11,6 +11,15 @@
 //             3. dQ: grid (T/64 query blocks, B*NH); each CTA owns 64 queries and walks the
 //                key blocks up to the diagonal, rebuilding P.
 //             Every sum has one owner and a fixed order: deterministic, no atomics.
+//             S and dP are built twice (7 GEMM-equivalents).
+//   fused backward (attention_backward_fused; UNVERIFIED on a GPU, not the default): step 2
+//             alone, also forming each step's dQ share dS K from dS^T staged in shared memory
+//             and adding it into an fp32 (B, NH, T, HD) workspace in a fixed key-block order
+//             (descending) kept by per-query-block semaphores: 5 GEMM-equivalents, no float
+//             atomics, deterministic; dK and dV come from the same code as step 2.
+//   Registers and spills: `cmake --build BUILD --target remat_ptxas_report` (-Xptxas -v). At
+//   sm_90, CUDA 13: fwd 127 / 166 (HD 64 / 128), dK dV 166 / 224, dQ 161 / 181, fused 178 /
+//   232, none spilling. Dynamic shared memory: fwd_smem, dkdv_smem, dq_smem below.
 // Other cases (fp32, other head dims up to 256): plain fp32 kernels, one warp per row.
 //
 // Grouped-query attention: qkv rows are [q (NH heads) | k (NKV heads) | v (NKV heads)], row

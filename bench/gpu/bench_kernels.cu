@@ -144,7 +144,7 @@ bool check_attention(cudaStream_t s) {
   const std::vector<float> qkv = random_vec(n, -1.5f, 1.5f, 1);
   const std::vector<float> dout = random_vec(static_cast<size_t>(B) * T * C, -1.f, 1.f, 2);
   Dev<bf16> d_qkv(n), d_out(B * T * C), d_dout(B * T * C), d_dqkv(n);
-  Dev<float> d_lse(B * NH * T), ws(cuda::attention_backward_workspace_floats(B, T, NH));
+  Dev<float> d_lse(B * NH * T), ws(cuda::attention_backward_fused_workspace_floats(B, T, C, NH));
   upload(d_qkv, qkv);
   upload(d_dout, dout);
   cuda::attention_forward(d_out.p, d_lse.p, d_qkv.p, B, T, C, NH, s);
@@ -153,8 +153,12 @@ bool check_attention(cudaStream_t s) {
   cpu::attention_forward(out.data(), lse.data(), qkv.data(), B, T, C, NH);
   cpu::attention_backward(dqkv.data(), dout.data(), qkv.data(), out.data(), lse.data(), B, T, C,
                           NH);
-  return check("attention_forward out", download(d_out, out.size()), out, 4) &
-         check("attention_backward dqkv", download(d_dqkv, n), dqkv, 4);
+  const bool two_pass = check("attention_forward out", download(d_out, out.size()), out, 4) &
+                        check("attention_backward dqkv", download(d_dqkv, n), dqkv, 4);
+  // The fused (one-pass, semaphore-ordered dQ) backward, unverified until this passes.
+  cuda::attention_backward_fused(d_dqkv.p, d_dout.p, d_qkv.p, d_out.p, d_lse.p, B, T, C, NH, ws.p,
+                                 s);
+  return two_pass & check("attention_backward_fused dqkv", download(d_dqkv, n), dqkv, 4);
 }
 
 #ifdef REMAT_WITH_CUDNN
@@ -284,13 +288,15 @@ int main(int argc, char** argv) {
       rows.push_back({name, ms, g, "GB/s", g / copy_gbs});
     };
 
-    // Attention, GPT-2 124M heads: NH 12, HD 64, causal; 8192 tokens per call.
-    for (int T : {1024, 4096}) {
-      const int NH = 12, HD = 64, C = NH * HD, B = 8192 / T;
+    // Attention, C 768 causal, 8192 tokens per call: GPT-2 124M heads (NH 12, HD 64) and HD 128
+    // (NH 6). The backward twice: two-pass (default) and fused (one pass, ordered dQ adds).
+    const int attn_shapes[][2] = {{1024, 64}, {4096, 64}, {1024, 128}, {4096, 128}};  // T, HD
+    for (const auto& shape_t_hd : attn_shapes) {
+      const int T = shape_t_hd[0], HD = shape_t_hd[1], NH = 768 / HD, C = NH * HD, B = 8192 / T;
       const size_t n = static_cast<size_t>(B) * T * 3 * C;
       Dev<bf16> qkv(n), out(static_cast<size_t>(B) * T * C), dout(out.n), dqkv(n);
       Dev<float> lse(static_cast<size_t>(B) * NH * T),
-          ws(cuda::attention_backward_workspace_floats(B, T, NH));
+          ws(cuda::attention_backward_fused_workspace_floats(B, T, C, NH));
       fill_random(qkv, 9);
       fill_random(dout, 10);
       const double flops = 4.0 * B * T * static_cast<double>(T) * NH * HD / 2;  // causal
@@ -301,10 +307,19 @@ int main(int argc, char** argv) {
             cuda::attention_backward(dqkv.p, dout.p, qkv.p, out.p, lse.p, B, T, C, NH, ws.p, s);
           },
           iters);
-      const std::string shape =
-          " B=" + std::to_string(B) + " T=" + std::to_string(T) + " NH=12 HD=64 causal";
+      const double fused = timer.median_ms(
+          [&] {
+            cuda::attention_backward_fused(dqkv.p, dout.p, qkv.p, out.p, lse.p, B, T, C, NH, ws.p,
+                                           s);
+          },
+          iters);
+      const std::string shape = " B=" + std::to_string(B) + " T=" + std::to_string(T) +
+                                " NH=" + std::to_string(NH) + " HD=" + std::to_string(HD) +
+                                " causal";
       rows.push_back({"attention fwd" + shape, fwd, flops / (fwd * 1e9), "TFLOP/s", -1});
       rows.push_back({"attention bwd" + shape, bwd, 2.5 * flops / (bwd * 1e9), "TFLOP/s", -1});
+      rows.push_back(
+          {"attention bwd fused" + shape, fused, 2.5 * flops / (fused * 1e9), "TFLOP/s", -1});
 #ifdef REMAT_WITH_CUDNN
       if (cudnn_ok) {  // cuDNN's on the same buffers, its deterministic backward
         const size_t fws = cudnn.forward_workspace_bytes(B, T, C, NH),
