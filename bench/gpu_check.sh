@@ -600,6 +600,17 @@ else
       rc=$?
       (( rc != 0 && rc != 99 )) && row "  cudnn" "info" "$(tail -n1 "$OUT/train_none_cudnn.log" | one_line)"
     fi
+    # The offload overhead: full recompute with every block input in pinned host memory
+    # (copied out and fetched back on the copy stream), when `full` itself ran.
+    if [[ -s "$OUT/train_full.jsonl" ]]; then
+      train_cmd full 12 "$OUT/train_full_offload.jsonl"
+      TRAIN+=(--offload input)
+      SUMMARY_RUNS+=("remat full + offload input" "$OUT/train_full_offload.jsonl")
+      step "train GPT-2 124M --recompute full --offload input" 60 "$OUT/train_full_offload.log" \
+        "${TRAIN[@]}"
+      rc=$?
+      (( rc != 0 && rc != 99 )) && row "  offload" "info" "$(tail -n1 "$OUT/train_full_offload.log" | one_line)"
+    fi
   else
     torch_anchor
   fi
