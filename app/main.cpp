@@ -8,6 +8,9 @@
 #ifdef REMAT_WITH_CUDA
 #include "runtime/cuda/cuda_backend.h"
 #endif
+#ifdef REMAT_WITH_NCCL
+#include "runtime/cuda/nccl_collectives.h"
+#endif
 
 namespace {
 const char* kUsage =
@@ -24,6 +27,9 @@ const char* kUsage =
 int main(int argc, char** argv) {
 #ifdef REMAT_WITH_CUDA
   remat::install_cuda_backend();  // --device cuda|auto can choose it
+#endif
+#ifdef REMAT_WITH_NCCL
+  remat::install_nccl_collectives();  // data parallel on GPUs (mpirun -np N remat train)
 #endif
   if (argc < 2 || !std::strcmp(argv[1], "--help") || !std::strcmp(argv[1], "-h") ||
       !std::strcmp(argv[1], "help")) {

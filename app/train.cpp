@@ -51,7 +51,7 @@ void on_signal(int) {
 }
 
 // Test-only: REMAT_TEST_KILL_RANK=R:S (or REMAT_TEST_STALL_RANK) makes rank R SIGKILL (or
-// SIGSTOP) itself a few milliseconds into step S, i.e. in the middle of that step's work.
+// SIGSTOP) itself from another thread as step S begins, i.e. in the middle of its work.
 void inject_rank_fault(int rank, int64_t step) {
   for (const char* var : {"REMAT_TEST_KILL_RANK", "REMAT_TEST_STALL_RANK"}) {
     const char* e = std::getenv(var);
@@ -59,10 +59,7 @@ void inject_rank_fault(int rank, int64_t step) {
     long long at = -1;
     if (!e || std::sscanf(e, "%d:%lld", &r, &at) != 2 || r != rank || at != step) continue;
     const int sig = var[11] == 'K' ? SIGKILL : SIGSTOP;
-    std::thread([sig] {
-      std::this_thread::sleep_for(std::chrono::milliseconds(5));
-      std::raise(sig);
-    }).detach();
+    std::thread([sig] { ::kill(::getpid(), sig); }).detach();
   }
 }
 
@@ -259,8 +256,9 @@ int cmd_train(int argc, const char* const* argv) {
            "BYTES or auto (the device's free memory less 5%, at least 256 MiB): choose "
            "--recompute, --offload and --offload-optimizer for the least modelled step time "
            "whose device total fits")
-      .add("link-gbps", "0", "host <-> device bandwidth the offload model assumes, GB/s (0: 25 "
-                             "on CUDA, 10 for the CPU backend's copy thread)")
+      .add("link-gbps", "0",
+           "host <-> device bandwidth the offload model assumes, GB/s (0: measured at start on "
+           "CUDA, 10 for the CPU backend's copy thread)")
       .flag("grad-checkpoint",
             "recompute every block's activations but its input: the same as --recompute full "
             "(Hugging Face's gradient_checkpointing=True)")
@@ -410,7 +408,12 @@ int cmd_train(int argc, const char* const* argv) {
   so.lookahead = o.get_count("lookahead");
   so.verify_recompute = o.get_bool("verify-recompute");
   so.offload_optimizer = o.get_bool("offload-optimizer");
-  const CostModel cm = cost_model_for(be.dtype(), o.get_double("link-gbps"));
+  CostModel cm = cost_model_for(be.dtype(), o.get_double("link-gbps"));
+  if (!o.get("fit").empty() && o.get_double("link-gbps") == 0 && std::string(be.name()) == "cuda") {
+    const double link = measure_link_bytes_per_s(be);
+    if (link > 0) cm.link_bytes_per_s = link;
+    std::printf("link: %.1f GB/s host <-> device (measured)\n", cm.link_bytes_per_s / 1e9);
+  }
   std::string policy = recompute_policy(o);
   Plan plan;
   if (!o.get("fit").empty()) {
@@ -455,6 +458,56 @@ int cmd_train(int argc, const char* const* argv) {
   if (!val_pat.empty())
     val = std::make_unique<DataLoader>(val_pat, B, T, c.vocab_size, false, seed);
 
+  if (comm) {
+    // Before anything is allocated for training: every rank must train the same model on the
+    // same data the same way.
+    std::string data_desc;
+    for (int i = 0; i < train.num_shards(); i++)
+      data_desc += train.files()[i] + ":" + std::to_string(train.tokens_in_shard(i)) + " ";
+    if (val)
+      for (int i = 0; i < val->num_shards(); i++)
+        data_desc += "val " + val->files()[i] + ":" + std::to_string(val->tokens_in_shard(i)) + " ";
+    std::string plan_desc = plan.spec + " offload " + plan.offload_spec + " |";
+    for (const auto& row : plan.recompute)
+      for (auto x : row) plan_desc += x ? '1' : '0';
+    char hw[64];
+    std::snprintf(hw, sizeof hw, "%016llx",
+                  (unsigned long long)fnv1a64(params.data(), params.size() * sizeof(float)));
+    const std::string hyper = "lr " + o.get("lr") + " warmup " + o.get("warmup") + " " +
+                              o.get("schedule") + " " + o.get("lr-final-frac") + " wd " +
+                              o.get("weight-decay") + " betas " + o.get("beta1") + " " +
+                              o.get("beta2") + " eps " + o.get("eps") + " clip " +
+                              o.get("grad-clip") + " steps " + std::to_string(steps);
+    // Every rank compares the same gathered values, so all of them refuse together and may
+    // leave MPI cleanly.
+    auto refuse_together = [&](const std::vector<std::pair<std::string, std::string>>& f) {
+      try {
+        check_ranks_agree(*comm, f, slow_timeout);
+      } catch (const Error&) {
+        comm.reset();
+        mpi.finish();
+        throw;
+      }
+    };
+    refuse_together(
+        {{"model", model + " " + (c.is_llama() ? describe(c) : std::to_string(num_params(c)))},
+         {"initial weights", hw},
+         {"batch", "B=" + std::to_string(B) + " T=" + std::to_string(T) + " total " +
+                       std::to_string(total) + " (" + std::to_string(accum) + " micro-steps)"},
+         {"plan", plan_desc},
+         {"data", data_desc + (o.get_bool("shuffle") ? "shuffled" : "in order")},
+         {"seed", std::to_string(seed)},
+         {"resume", resumed ? resume + " at step " + std::to_string(resumed->step) +
+                                  " weights " + std::to_string(fnv1a64(resumed->params.data(),
+                                                               resumed->params.size() * 4))
+                            : "none"},
+         {"hyperparameters", hyper},
+         {"backend", std::string(be.name()) + " " + dtype_name(be.dtype()) + " " +
+                         o.get("attention") +
+                         (so.offload_optimizer ? " optimizer offloaded" : "")},
+         {"data parallel", "zero " + std::to_string(zero) + " buckets " +
+                               std::to_string(parse_bytes(o.get("bucket-bytes")))}});
+  }
   // Pre-flight passed, but the device may still run out (other processes, fragmentation):
   // say which plan ran out and what stores less.
   std::unique_ptr<Trainer> trainer;
@@ -484,43 +537,6 @@ int cmd_train(int argc, const char* const* argv) {
     train.restore(resumed->loader);
     std::printf("resumed from %s at step %lld\n", resume.c_str(), (long long)resumed->step);
     resumed.reset();
-  }
-  if (comm) {
-    // Before step 1: every rank must train the same model on the same data the same way.
-    std::string data_desc;
-    for (int i = 0; i < train.num_shards(); i++)
-      data_desc += train.files()[i] + ":" + std::to_string(train.tokens_in_shard(i)) + " ";
-    if (val)
-      for (int i = 0; i < val->num_shards(); i++)
-        data_desc += "val " + val->files()[i] + ":" + std::to_string(val->tokens_in_shard(i)) + " ";
-    std::string plan_desc = plan.spec + " offload " + plan.offload_spec + " |";
-    for (const auto& row : plan.recompute)
-      for (auto x : row) plan_desc += x ? '1' : '0';
-    const std::vector<float>& w0 = tr.params();
-    char hw[32];
-    std::snprintf(hw, sizeof hw, "%016llx",
-                  (unsigned long long)fnv1a64(w0.data(), w0.size() * sizeof(float)));
-    const std::string hyper = "lr " + o.get("lr") + " warmup " + o.get("warmup") + " " +
-                              o.get("schedule") + " " + o.get("lr-final-frac") + " wd " +
-                              o.get("weight-decay") + " betas " + o.get("beta1") + " " +
-                              o.get("beta2") + " eps " + o.get("eps") + " clip " +
-                              o.get("grad-clip") + " steps " + std::to_string(steps);
-    check_ranks_agree(
-        *comm,
-        {{"model", model + " " + (c.is_llama() ? describe(c) : std::to_string(num_params(c)))},
-         {"initial weights", hw},
-         {"batch", "B=" + std::to_string(B) + " T=" + std::to_string(T) + " total " +
-                       std::to_string(total) + " (" + std::to_string(accum) + " micro-steps)"},
-         {"plan", plan_desc},
-         {"data", data_desc + (o.get_bool("shuffle") ? "shuffled" : "in order")},
-         {"seed", std::to_string(seed)},
-         {"step", std::to_string(tr.steps_done())},
-         {"hyperparameters", hyper},
-         {"backend", std::string(be.name()) + " " + dtype_name(be.dtype()) + " " +
-                         o.get("attention")},
-         {"data parallel", "zero " + std::to_string(zero) + " buckets " +
-                               std::to_string(parse_bytes(o.get("bucket-bytes")))}},
-        slow_timeout);
   }
 
   const std::string out = o.get("out");
@@ -581,9 +597,10 @@ int cmd_train(int argc, const char* const* argv) {
     if (!tracer || traced_steps == 0) return;
     const std::string report_path = overlap_report_path(trace_path);
     tracer->write_chrome_json(trace_path);
-    const OverlapReport rep =
-        overlap_report(tracer->data(), tr.runner().main_stream()->id(),
-                       tr.runner().side_stream()->id(), {tr.runner().copy_stream()->id()});
+    std::vector<int> lanes = {tr.runner().copy_stream()->id()};
+    if (comm) lanes.push_back(comm->stream()->id());  // communication: busy, hidden, exposed
+    const OverlapReport rep = overlap_report(tracer->data(), tr.runner().main_stream()->id(),
+                                             tr.runner().side_stream()->id(), lanes);
     FILE* f = std::fopen(report_path.c_str(), "wb");
     REMAT_REQUIRE(f, report_path + ": cannot write the overlap report: " + std::strerror(errno));
     const std::string js = to_json(rep);

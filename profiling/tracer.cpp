@@ -111,6 +111,7 @@ TraceCategory trace_category(const char* label) {
   if (starts_with(label, "recompute.")) return TraceCategory::kRecompute;
   if (std::strcmp(label, "wait") == 0) return TraceCategory::kWait;
   if (starts_with(label, "classifier")) return TraceCategory::kClassifier;
+  if (starts_with(label, "comm.")) return TraceCategory::kComm;
   return TraceCategory::kOther;
 }
 
@@ -126,6 +127,8 @@ const char* trace_category_name(TraceCategory k) {
       return "wait";
     case TraceCategory::kClassifier:
       return "classifier";
+    case TraceCategory::kComm:
+      return "communication";
     case TraceCategory::kOther:
       break;
   }

@@ -19,8 +19,9 @@
 namespace remat {
 
 // What an op label names: "fwd.*" forward, "bwd.*" backward, "recompute.*" recompute, "wait",
-// "classifier*" classifier, anything else other. The trace's event category.
-enum class TraceCategory { kForward, kBackward, kRecompute, kWait, kClassifier, kOther };
+// "classifier*" classifier, "comm.*" communication (data parallel), anything else other. The
+// trace's event category.
+enum class TraceCategory { kForward, kBackward, kRecompute, kWait, kClassifier, kComm, kOther };
 TraceCategory trace_category(const char* label);
 const char* trace_category_name(TraceCategory k);  // "forward", "backward", ... as above
 

@@ -11,8 +11,10 @@ cd "$(dirname "$0")/.."
 need=()
 have_pkg() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "install ok installed"; }
 # nlohmann-json: JSON reading and writing (config.json, tokenizer.json, traces, plan --json);
-# PCRE2: the Unicode pre-tokenizer regex of Hugging Face tokenizers.
-for pkg in cmake ninja-build g++ libgtest-dev fortunes nlohmann-json3-dev libpcre2-dev pkg-config; do
+# PCRE2: the Unicode pre-tokenizer regex of Hugging Face tokenizers; Open MPI: data parallel
+# (mpirun -np N remat train) and the CPU backend's collectives.
+for pkg in cmake ninja-build g++ libgtest-dev fortunes nlohmann-json3-dev libpcre2-dev pkg-config \
+    openmpi-bin libopenmpi-dev; do
   have_pkg "$pkg" || need+=("$pkg")
 done
 SUDO=""

@@ -94,6 +94,10 @@ GoldenRun train(const Shape& s, const std::string& shard, const std::string& pol
 }
 
 // Recorded from commit 685e33f (the hand-written schedule) on this project's CI machine kind.
+// L3C32 (accum 2): its gradient and weight hashes re-recorded when a step's gradient became
+// the left fold of its micro-batches' gradients, each from zero (models/data_parallel.h), so
+// that data-parallel ranks reproduce one process bit for bit; its losses kept their bits, and
+// L4C64 (accum 1) is unchanged.
 struct Golden {
   const char* shape;
   uint32_t loss_bits[5];
@@ -103,8 +107,8 @@ constexpr uint64_t kGoldenFingerprint = 0x24d07e84c2aabf35ull;
 const Golden kGolden[] = {
     {"L3C32",
      {0x4087121a, 0x4087ab34, 0x4085a362, 0x40863031, 0x40875c81},
-     0xfe487552a7b7abdaull,
-     0x37ca15a8db3693b4ull},
+     0x585ff614405086ebull,
+     0x20571e60bb5f6aa9ull},
     {"L4C64",
      {0x40862a52, 0x40888e8e, 0x40868909, 0x4086e149, 0x4087b462},
      0x6e49a21b59074234ull,
