@@ -242,17 +242,47 @@ TensorId ProgramBuilder::embedding(ParamId wte, ParamId wpe, int C, const std::s
   return op.out[0];
 }
 
-TensorId ProgramBuilder::layernorm(TensorId x, ParamId w, ParamId b, const std::string& name) {
+TensorId ProgramBuilder::add_norm(OpKind kind, TensorId x, std::vector<ParamId> params, float eps,
+                                  size_t stats_per_row, const std::string& name,
+                                  const std::string& stats_name) {
   const TensorDesc in = p_.tensors.at(x);  // a copy: add_tensor may move the vector
   OpDesc op;
-  op.kind = OpKind::kLayerNorm;
+  op.kind = kind;
   op.name = name;
   op.in = {x};
-  op.out = {add_tensor(name, in.rows, in.cols, 2 * in.rows, name + ".mean_rstd")};
-  op.params = {w, b};
+  op.out = {add_tensor(name, in.rows, in.cols, stats_per_row * in.rows, name + stats_name)};
+  op.params = std::move(params);
   op.C = static_cast<int>(in.cols);
+  op.eps = eps;
   add_op(op);
   return op.out[0];
+}
+
+std::pair<TensorId, TensorId> ProgramBuilder::add_residual_norm(
+    OpKind kind, TensorId x, TensorId y, std::vector<ParamId> params, float eps,
+    size_t stats_per_row, const std::string& res_name, const std::string& ln_name,
+    const std::string& stats_name, const std::string& op_name) {
+  const TensorDesc in = p_.tensors.at(x);
+  REMAT_CHECK(p_.tensors.at(y).rows == in.rows && p_.tensors.at(y).cols == in.cols,
+              "program: residual '" + res_name + "' adds tensors of different shapes");
+  OpDesc op;
+  op.kind = kind;
+  op.name = op_name;
+  op.in = {x, y};
+  const TensorId res = add_tensor(res_name, in.rows, in.cols, 0, "");
+  const TensorId ln =
+      add_tensor(ln_name, in.rows, in.cols, stats_per_row * in.rows, ln_name + stats_name);
+  op.out = {res, ln};
+  op.params = std::move(params);
+  op.C = static_cast<int>(in.cols);
+  op.eps = eps;
+  add_op(op);
+  return {res, ln};
+}
+
+// LayerNorm keeps mean and rstd per row, RMSNorm rstd alone.
+TensorId ProgramBuilder::layernorm(TensorId x, ParamId w, ParamId b, const std::string& name) {
+  return add_norm(OpKind::kLayerNorm, x, {w, b}, 1e-5f, 2, name, ".mean_rstd");
 }
 
 std::pair<TensorId, TensorId> ProgramBuilder::residual_layernorm(TensorId x, TensorId y, ParamId w,
@@ -260,34 +290,12 @@ std::pair<TensorId, TensorId> ProgramBuilder::residual_layernorm(TensorId x, Ten
                                                                  const std::string& res_name,
                                                                  const std::string& ln_name,
                                                                  const std::string& op_name) {
-  const TensorDesc in = p_.tensors.at(x);
-  REMAT_CHECK(p_.tensors.at(y).rows == in.rows && p_.tensors.at(y).cols == in.cols,
-              "program: residual '" + res_name + "' adds tensors of different shapes");
-  OpDesc op;
-  op.kind = OpKind::kResidualLayerNorm;
-  op.name = op_name;
-  op.in = {x, y};
-  const TensorId res = add_tensor(res_name, in.rows, in.cols, 0, "");
-  const TensorId ln = add_tensor(ln_name, in.rows, in.cols, 2 * in.rows, ln_name + ".mean_rstd");
-  op.out = {res, ln};
-  op.params = {w, b};
-  op.C = static_cast<int>(in.cols);
-  add_op(op);
-  return {res, ln};
+  return add_residual_norm(OpKind::kResidualLayerNorm, x, y, {w, b}, 1e-5f, 2, res_name, ln_name,
+                           ".mean_rstd", op_name);
 }
 
 TensorId ProgramBuilder::rmsnorm(TensorId x, ParamId w, float eps, const std::string& name) {
-  const TensorDesc in = p_.tensors.at(x);  // a copy: add_tensor may move the vector
-  OpDesc op;
-  op.kind = OpKind::kRMSNorm;
-  op.name = name;
-  op.in = {x};
-  op.out = {add_tensor(name, in.rows, in.cols, in.rows, name + ".rstd")};
-  op.params = {w};
-  op.C = static_cast<int>(in.cols);
-  op.eps = eps;
-  add_op(op);
-  return op.out[0];
+  return add_norm(OpKind::kRMSNorm, x, {w}, eps, 1, name, ".rstd");
 }
 
 std::pair<TensorId, TensorId> ProgramBuilder::residual_rmsnorm(TensorId x, TensorId y, ParamId w,
@@ -295,21 +303,8 @@ std::pair<TensorId, TensorId> ProgramBuilder::residual_rmsnorm(TensorId x, Tenso
                                                                const std::string& res_name,
                                                                const std::string& ln_name,
                                                                const std::string& op_name) {
-  const TensorDesc in = p_.tensors.at(x);
-  REMAT_CHECK(p_.tensors.at(y).rows == in.rows && p_.tensors.at(y).cols == in.cols,
-              "program: residual '" + res_name + "' adds tensors of different shapes");
-  OpDesc op;
-  op.kind = OpKind::kResidualRMSNorm;
-  op.name = op_name;
-  op.in = {x, y};
-  const TensorId res = add_tensor(res_name, in.rows, in.cols, 0, "");
-  const TensorId ln = add_tensor(ln_name, in.rows, in.cols, in.rows, ln_name + ".rstd");
-  op.out = {res, ln};
-  op.params = {w};
-  op.C = static_cast<int>(in.cols);
-  op.eps = eps;
-  add_op(op);
-  return {res, ln};
+  return add_residual_norm(OpKind::kResidualRMSNorm, x, y, {w}, eps, 1, res_name, ln_name, ".rstd",
+                           op_name);
 }
 
 TensorId ProgramBuilder::matmul(TensorId x, ParamId w, ParamId bias, int OC,

@@ -187,6 +187,16 @@ class ProgramBuilder {
  private:
   TensorId add_tensor(const std::string& name, size_t rows, size_t cols, size_t extra,
                       const std::string& extra_name);
+  // A normalization of x (stats_per_row fp32 statistics per row, named name + stats_name),
+  // and the same fused with the residual add x + y.
+  TensorId add_norm(OpKind kind, TensorId x, std::vector<ParamId> params, float eps,
+                    size_t stats_per_row, const std::string& name, const std::string& stats_name);
+  std::pair<TensorId, TensorId> add_residual_norm(OpKind kind, TensorId x, TensorId y,
+                                                  std::vector<ParamId> params, float eps,
+                                                  size_t stats_per_row, const std::string& res_name,
+                                                  const std::string& ln_name,
+                                                  const std::string& stats_name,
+                                                  const std::string& op_name);
   int add_op(OpDesc op);
   Program p_;
   int block_ = kNoBlock;

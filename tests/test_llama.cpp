@@ -14,6 +14,7 @@
 #include "models/llama.h"
 #include "models/model.h"
 #include "models/trainer.h"
+#include "tests/gradient_check.h"
 #include "tests/tiny_model.h"
 
 namespace remat {
@@ -63,44 +64,10 @@ class LlamaFamily : public ::testing::TestWithParam<const char*> {
   }
 };
 
-// For every parameter tensor, its largest-gradient element against a central difference
-// (in double around fp32 losses), and the directional derivative along the gradient.
+// The whole model's gradient against finite differences (tests/gradient_check.h).
 TEST_P(LlamaFamily, GradientMatchesFiniteDifferences) {
   const ModelConfig c = config(2);
-  auto p = lively_params(c, 11);
-  const int B = 2, T = 6;
-  auto in = test::random_tokens(B * T, c.vocab_size, 5),
-       tg = test::random_tokens(B * T, c.vocab_size, 6);
-  ModelRunner r(c, B, T, parse_plan("none", c), ActDType::kFP32, {}, false);
-  std::vector<float> g(p.size(), 0.0f);
-  r.forward_backward(p.data(), g.data(), in.data(), tg.data(), 1.0f / (B * T));
-  for (float x : g) ASSERT_TRUE(std::isfinite(x));
-  for (const ParamTensor& t : param_table(c)) {
-    size_t best = t.offset;
-    for (size_t i = t.offset; i < t.offset + t.count(); i++)
-      if (std::fabs(g[i]) > std::fabs(g[best])) best = i;
-    ASSERT_GT(std::fabs(g[best]), 1e-4f) << t.name << " has no gradient signal";
-    const float eps = 1e-2f * std::max(1.0f, std::fabs(p[best]));
-    const float hi = p[best] + eps, lo = p[best] - eps;
-    auto q = p;
-    q[best] = hi;
-    const double up = loss_of(r, q, in, tg);
-    q[best] = lo;
-    const double down = loss_of(r, q, in, tg);
-    const double fd = (up - down) / (double(hi) - double(lo));
-    EXPECT_NEAR(fd, g[best], 0.03 * std::fabs(g[best]) + 2e-4)
-        << "tensor " << t.name << " element " << best - t.offset;
-  }
-  double norm = 0;
-  for (float x : g) norm += double(x) * x;
-  norm = std::sqrt(norm);
-  const double h = 1e-3;
-  auto q = p;
-  for (size_t i = 0; i < p.size(); i++) q[i] = p[i] + float(h * g[i] / norm);
-  const double up = loss_of(r, q, in, tg);
-  for (size_t i = 0; i < p.size(); i++) q[i] = p[i] - float(h * g[i] / norm);
-  const double down = loss_of(r, q, in, tg);
-  EXPECT_NEAR((up - down) / (2 * h), norm, 0.02 * norm);
+  test::expect_gradient_matches_finite_differences(c, lively_params(c, 11), 2, 6);
 }
 
 TEST_P(LlamaFamily, InitialLossNearLogVocab) {

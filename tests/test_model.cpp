@@ -10,6 +10,7 @@
 #include "io/train_state.h"
 #include "models/model.h"
 #include "models/trainer.h"
+#include "tests/gradient_check.h"
 #include "tests/tiny_model.h"
 
 namespace remat {
@@ -55,42 +56,7 @@ TEST(Model, GradientMatchesFiniteDifferences) {
   auto p = test::init(c, 11);
   // Larger weights than GPT-2's init so every path carries signal.
   for (auto& x : p) x *= 4.0f;
-  const int B = 2, T = 6;
-  auto in = test::random_tokens(B * T, c.vocab_size, 5),
-       tg = test::random_tokens(B * T, c.vocab_size, 6);
-  ModelRunner r(c, B, T, parse_plan("none", c), ActDType::kFP32, {}, false);
-  std::vector<float> g(p.size(), 0.0f);
-  r.forward_backward(p.data(), g.data(), in.data(), tg.data(), 1.0f / (B * T));
-  for (float x : g) ASSERT_TRUE(std::isfinite(x));
-  auto sizes = param_sizes(c);
-  auto offs = param_offsets(c);
-  for (int t = 0; t < kNumParamTensors; t++) {
-    size_t best = offs[t];
-    for (size_t i = offs[t]; i < offs[t] + sizes[t]; i++)
-      if (std::fabs(g[i]) > std::fabs(g[best])) best = i;
-    ASSERT_GT(std::fabs(g[best]), 1e-4f) << param_name(t) << " has no gradient signal";
-    const float eps = 1e-2f * std::max(1.0f, std::fabs(p[best]));
-    const float hi = p[best] + eps, lo = p[best] - eps;
-    auto q = p;
-    q[best] = hi;
-    const double up = loss_of(r, q, in, tg);
-    q[best] = lo;
-    const double down = loss_of(r, q, in, tg);
-    const double fd = (up - down) / (double(hi) - double(lo));
-    EXPECT_NEAR(fd, g[best], 0.03 * std::fabs(g[best]) + 2e-4)
-        << "tensor " << param_name(t) << " element " << best - offs[t];
-  }
-  // Along the normalised gradient the derivative is the gradient norm.
-  double norm = 0;
-  for (float x : g) norm += double(x) * x;
-  norm = std::sqrt(norm);
-  const double h = 1e-3;
-  auto q = p;
-  for (size_t i = 0; i < p.size(); i++) q[i] = p[i] + float(h * g[i] / norm);
-  const double up = loss_of(r, q, in, tg);
-  for (size_t i = 0; i < p.size(); i++) q[i] = p[i] - float(h * g[i] / norm);
-  const double down = loss_of(r, q, in, tg);
-  EXPECT_NEAR((up - down) / (2 * h), norm, 0.02 * norm);
+  test::expect_gradient_matches_finite_differences(c, p, 2, 6);
 }
 
 // Trains on one batch repeatedly (a shard holding exactly one batch).
