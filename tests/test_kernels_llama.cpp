@@ -23,71 +23,18 @@
 #include "kernels/rmsnorm.h"
 #include "kernels/rope.h"
 #include "kernels/swiglu.h"
+#include "tests/kernel_test_util.h"
 
 namespace remat::cpu {
 namespace {
 
-using Vec = std::vector<float>;
-using DVec = std::vector<double>;
+using namespace remat::cpu::test;  // NOLINT(google-build-using-namespace)
 
-constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
 constexpr double kU = std::numeric_limits<float>::epsilon() / 2;  // fp32 unit roundoff
 // Central differences of an fp64 forward with step h ~ 1e-4 on unit-scale inputs: truncation
 // h^2/6 |f'''| and roundoff 1e-16 |L| / h are both near 1e-9; this leaves a wide margin and
 // stays far below any real formula error.
 constexpr double kFdRtol = 1e-6;
-
-class Rng {
- public:
-  explicit Rng(unsigned seed) : gen_(seed) {}
-  Vec uniform(size_t n, float lo, float hi) {
-    std::uniform_real_distribution<float> d(lo, hi);
-    Vec v(n);
-    for (auto& x : v) x = d(gen_);
-    return v;
-  }
-  Vec normal(size_t n, float stddev, float mean = 0.0f) {
-    std::normal_distribution<float> d(mean, stddev);
-    Vec v(n);
-    for (auto& x : v) x = d(gen_);
-    return v;
-  }
-  // Up to `count` distinct indices of [0, n), sorted; all of them when n <= count.
-  std::vector<size_t> subset(size_t n, size_t count) {
-    std::vector<size_t> idx(n);
-    for (size_t i = 0; i < n; ++i) idx[i] = i;
-    if (n > count) {
-      std::shuffle(idx.begin(), idx.end(), gen_);
-      idx.resize(count);
-      std::sort(idx.begin(), idx.end());
-    }
-    return idx;
-  }
-
- private:
-  std::mt19937 gen_;
-};
-
-DVec to_double(const Vec& v) {
-  return DVec(v.begin(), v.end());
-}
-
-bool same_bits(const Vec& a, const Vec& b) {
-  return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(float)) == 0;
-}
-
-template <class F>
-void with_threads(int n, F&& f) {
-#ifdef _OPENMP
-  const int old = omp_get_max_threads();
-  omp_set_num_threads(n);
-  f();
-  omp_set_num_threads(old);
-#else
-  (void)n;
-  f();
-#endif
-}
 
 // Each got[i] within tol[i] of ref[i]; NaN never passes. Reports the first few misses.
 template <class T>
