@@ -104,7 +104,9 @@ void check_config(const ModelConfig& c, const std::string& where) {
   // Every factor is < 2^31, so each term (at most 4 factors plus 4 below) fits in 128 bits.
   using u128 = unsigned __int128;
   const u128 Vp = c.padded_vocab, C = c.channels, L = c.num_layers, T = c.max_seq_len;
-  const u128 I = static_cast<u128>(c.mlp_width()), Q = static_cast<u128>(c.qkv_width());
+  // mlp_width() and qkv_width() in 128 bits: on an unchecked config they may overflow int.
+  const u128 I = c.intermediate > 0 ? static_cast<u128>(c.intermediate) : 4 * C;
+  const u128 Q = C + 2 * static_cast<u128>(c.kv_heads()) * (C / static_cast<u128>(c.num_heads));
   const u128 total = c.is_llama() ? 2 * Vp * C + L * (Q * C + Q + C * C + 3 * I * C + 2 * C) + C
                                   : Vp * C + T * C + L * (12 * C * C + 13 * C) + 2 * C;
   const u128 limit = static_cast<u128>(1) << 60;  // elements; 4 bytes each stays below 2^63

@@ -136,7 +136,7 @@ ModelConfig config_from_hf(const HFConfig& h, const std::string& path) {
   c.vocab_size = h.vocab_size;
   c.padded_vocab = pad_vocab(h.vocab_size);
   c.max_seq_len = h.max_position_embeddings;
-  if (h.head_dim != 0 && h.head_dim * h.num_attention_heads != h.hidden_size)
+  if (h.head_dim != 0 && int64_t(h.head_dim) * h.num_attention_heads != h.hidden_size)
     refuse("head_dim " + std::to_string(h.head_dim) + " times " +
            std::to_string(h.num_attention_heads) + " heads is not hidden_size " +
            std::to_string(h.hidden_size));
