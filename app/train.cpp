@@ -11,10 +11,9 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <nlohmann/json.hpp>
 #include <optional>
 #include <thread>
-
-#include <nlohmann/json.hpp>
 
 #include "app/cli.h"
 #include "app/commands.h"
@@ -31,8 +30,8 @@
 #include "models/trainer.h"
 #include "profiling/overlap.h"
 #include "profiling/tracer.h"
-#include "runtime/fit.h"
 #include "runtime/collectives.h"
+#include "runtime/fit.h"
 #include "runtime/plan.h"
 
 namespace remat {
@@ -304,7 +303,8 @@ int cmd_train(int argc, const char* const* argv) {
   if (!bc.note.empty()) std::printf("%s\n", bc.note.c_str());
   std::printf("backend: %s\n", be.describe().c_str());
   const double comm_timeout = o.get_double("comm-timeout");
-  REMAT_REQUIRE(comm_timeout > 0, "--comm-timeout must be > 0 seconds, got " + o.get("comm-timeout"));
+  REMAT_REQUIRE(comm_timeout > 0,
+                "--comm-timeout must be > 0 seconds, got " + o.get("comm-timeout"));
   const double slow_timeout = 10 * comm_timeout;  // one rank reads or writes files, others wait
   const int zero = o.get_count("zero");
   REMAT_REQUIRE(zero == 0 || zero == 1, "--zero must be 0 or 1, got " + o.get("zero"));
@@ -424,8 +424,9 @@ int cmd_train(int argc, const char* const* argv) {
     uint64_t budget = 0;
     if (o.get("fit") == "auto") {
       const uint64_t avail = be.available_bytes();
-      REMAT_REQUIRE(avail > 0, "--fit auto: the backend does not say how much memory is free; "
-                               "give --fit BYTES");
+      REMAT_REQUIRE(avail > 0,
+                    "--fit auto: the backend does not say how much memory is free; "
+                    "give --fit BYTES");
       // The margin: 5% of what is free, at least 256 MiB (allocator slack, other users).
       const uint64_t margin = std::max<uint64_t>(avail / 20, 256ull << 20);
       REMAT_REQUIRE(avail > margin, "--fit auto: only " + format_bytes(avail) + " is free");
@@ -497,14 +498,13 @@ int cmd_train(int argc, const char* const* argv) {
          {"plan", plan_desc},
          {"data", data_desc + (o.get_bool("shuffle") ? "shuffled" : "in order")},
          {"seed", std::to_string(seed)},
-         {"resume", resumed ? resume + " at step " + std::to_string(resumed->step) +
-                                  " weights " + std::to_string(fnv1a64(resumed->params.data(),
-                                                               resumed->params.size() * 4))
-                            : "none"},
+         {"resume",
+          resumed ? resume + " at step " + std::to_string(resumed->step) + " weights " +
+                        std::to_string(fnv1a64(resumed->params.data(), resumed->params.size() * 4))
+                  : "none"},
          {"hyperparameters", hyper},
          {"backend", std::string(be.name()) + " " + dtype_name(be.dtype()) + " " +
-                         o.get("attention") +
-                         (so.offload_optimizer ? " optimizer offloaded" : "")},
+                         o.get("attention") + (so.offload_optimizer ? " optimizer offloaded" : "")},
          {"data parallel", "zero " + std::to_string(zero) + " buckets " +
                                std::to_string(parse_bytes(o.get("bucket-bytes")))}});
   }
@@ -616,9 +616,8 @@ int cmd_train(int argc, const char* const* argv) {
   if (c.is_llama())
     std::printf("model: %s, %.2fM parameters\n", describe(c).c_str(), P / 1e6);
   else
-    std::printf("model: L=%d C=%d NH=%d V=%d (padded %d) maxT=%d, %.2fM parameters\n",
-                c.num_layers, c.channels, c.num_heads, c.vocab_size, c.padded_vocab, c.max_seq_len,
-                P / 1e6);
+    std::printf("model: L=%d C=%d NH=%d V=%d (padded %d) maxT=%d, %.2fM parameters\n", c.num_layers,
+                c.channels, c.num_heads, c.vocab_size, c.padded_vocab, c.max_seq_len, P / 1e6);
   std::printf(
       "batch: B=%d T=%d x %d micro-steps = %lld tokens/step, %d steps, recompute %s (%d of %d "
       "block activations rebuilt)\n",
@@ -633,8 +632,7 @@ int cmd_train(int argc, const char* const* argv) {
     if (!val) return;
     float vl = tr.evaluate(*val, eval_batches);
     std::printf("step %lld/%d | val loss %.4f\n", (long long)step, steps, vl);
-    if (log)
-      log_line(log, {{"step", step}, {"val_loss", vl}});
+    if (log) log_line(log, {{"step", step}, {"val_loss", vl}});
   };
   auto do_sample = [&](int64_t step) {
     if (sample_n <= 0) return;

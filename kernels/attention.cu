@@ -396,7 +396,7 @@ __device__ __forceinline__ void fused_dq_step(const AttnParams<bf16>& p, const b
     }
     __syncthreads();  // the earlier contributions to block i are visible from here
   }
-  float* acc = p.dq_acc + bh * p.T * kHD;                                // (T, HD) of head h
+  float* acc = p.dq_acc + bh * p.T * kHD;                               // (T, HD) of head h
   bf16* dq_g = p.dqkv + static_cast<size_t>(b) * p.T * p.ld + h * kHD;  // (T, HD), stride ld
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
@@ -429,8 +429,8 @@ __device__ __forceinline__ void fused_dq_step(const AttnParams<bf16>& p, const b
 // K, V; Q, dO double-buffered; fused: dS^T (kBN, kBQ + 8).
 template <int kHD, bool kFuseDq>
 constexpr size_t dkdv_smem() {
-  return sizeof(bf16) * ((2 * kBN + 4 * bwd_bq<kHD>()) * (kHD + 8) +
-                         (kFuseDq ? kBN * (bwd_bq<kHD>() + 8) : 0));
+  return sizeof(bf16) *
+         ((2 * kBN + 4 * bwd_bq<kHD>()) * (kHD + 8) + (kFuseDq ? kBN * (bwd_bq<kHD>() + 8) : 0));
 }
 
 // kFuseDq = false: dK, dV only (dQ by flash_bwd_dq_kernel). Grid (T/64 key blocks, B*NKV).
@@ -458,7 +458,8 @@ __global__ void __launch_bounds__(kWarps * 32)
   constexpr int kLdS = kBQ + 8;
   bf16* sdS = sdO + 2 * kBQ * kLd;  // fused: (kBN, kLdS) dS^T of this step, [key][query]
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, gq = lane / 4, t4 = lane % 4;
-  unsigned tile = 0;  // fused: claimed tile, (b * NKV + hk) * gridDim.x + (last key block - key_block)
+  unsigned tile =
+      0;  // fused: claimed tile, (b * NKV + hk) * gridDim.x + (last key block - key_block)
   if constexpr (kFuseDq) {
     __shared__ unsigned s_tile;
     if (threadIdx.x == 0) s_tile = atomicAdd(p.tile_counter, 1u);
@@ -469,7 +470,7 @@ __global__ void __launch_bounds__(kWarps * 32)
   // 16 registers).
   const unsigned key_block = kFuseDq ? gridDim.x - 1 - tile % gridDim.x : blockIdx.x;
   const unsigned bkv = kFuseDq ? tile / gridDim.x : blockIdx.y;  // b * NKV + hk
-  const int b = bkv / p.NKV, hk = bkv % p.NKV;                  // key/value head hk
+  const int b = bkv / p.NKV, hk = bkv % p.NKV;                   // key/value head hk
   const int n0 = key_block * kBN, ld = p.ld;
   const bf16* qkv_b = p.qkv + static_cast<size_t>(b) * p.T * ld;
   const bf16* k_g = qkv_b + p.C + hk * kHD;                          // (T, HD), stride ld
@@ -934,8 +935,8 @@ void launch_bwd_tc(const AttnParams<bf16>& p, cudaStream_t stream) {
       (set_smem(flash_bwd_dkdv_kernel<kHD, false>, dkdv_smem<kHD, false>()),
        set_smem(flash_bwd_dq_kernel<kHD>, dq_smem<kHD>()), true);
   (void)smem_set;
-  flash_bwd_dkdv_kernel<kHD, false><<<dim3(ceil_div(p.T, kBN), p.B * p.NKV), kWarps * 32,
-                                      dkdv_smem<kHD, false>(), stream>>>(p);
+  flash_bwd_dkdv_kernel<kHD, false>
+      <<<dim3(ceil_div(p.T, kBN), p.B * p.NKV), kWarps * 32, dkdv_smem<kHD, false>(), stream>>>(p);
   REMAT_CUDA_LAUNCH_CHECK(stream);
   flash_bwd_dq_kernel<kHD>
       <<<dim3(ceil_div(p.T, kBM), p.B * p.NH), kWarps * 32, dq_smem<kHD>(), stream>>>(p);
@@ -951,8 +952,8 @@ void launch_bwd_fused_tc(const AttnParams<bf16>& p, size_t sem_count, cudaStream
       (set_smem(flash_bwd_dkdv_kernel<kHD, true>, dkdv_smem<kHD, true>()), true);
   (void)smem_set;
   REMAT_CUDA_CHECK(cudaMemsetAsync(p.dq_sem, 0, (sem_count + 1) * sizeof(unsigned), stream));
-  flash_bwd_dkdv_kernel<kHD, true><<<dim3(ceil_div(p.T, kBN), p.B * p.NKV), kWarps * 32,
-                                     dkdv_smem<kHD, true>(), stream>>>(p);
+  flash_bwd_dkdv_kernel<kHD, true>
+      <<<dim3(ceil_div(p.T, kBN), p.B * p.NKV), kWarps * 32, dkdv_smem<kHD, true>(), stream>>>(p);
   REMAT_CUDA_LAUNCH_CHECK(stream);
 }
 
@@ -1092,7 +1093,7 @@ template void attention_backward_fused<float>(float*, const float*, const float*
                                               const float*, int, int, int, int, float*,
                                               cudaStream_t, int);
 template void attention_backward_fused<bf16>(bf16*, const bf16*, const bf16*, const bf16*,
-                                             const float*, int, int, int, int, float*,
-                                             cudaStream_t, int);
+                                             const float*, int, int, int, int, float*, cudaStream_t,
+                                             int);
 
 }  // namespace remat::cuda

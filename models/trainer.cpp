@@ -248,7 +248,8 @@ float Trainer::accumulate(DataLoader& data) {
     Event reduced;
     for (int j = 0; j < accum_; j++) {
       s->wait(reduced);  // the reductions of micro-step j - 1 have read the buffer
-      if (dp_->mode() == ReduceMode::kFold || j == 0) be_->zero(s, grads_dev_, n_ * es, "zero_grad");
+      if (dp_->mode() == ReduceMode::kFold || j == 0)
+        be_->zero(s, grads_dev_, n_ * es, "zero_grad");
       dp_->next_batch(data, inputs_.data(), targets_.data());
       dp_->begin_micro_step(j, accum_, grads_dev_, acc_.empty() ? nullptr : acc_.data());
       losses[j] =
@@ -270,8 +271,11 @@ float Trainer::accumulate(DataLoader& data) {
       float* acc = grads_.data();
       const float* add = micro_.data();
       const size_t n = n_;
-      s->launch([acc, add, n] { for (size_t i = 0; i < n; i++) acc[i] += add[i]; },
-                "accumulate_grads");
+      s->launch(
+          [acc, add, n] {
+            for (size_t i = 0; i < n; i++) acc[i] += add[i];
+          },
+          "accumulate_grads");
     }
   }
   return static_cast<float>(loss_sum / accum_);
@@ -335,9 +339,9 @@ void Trainer::restore(const TrainState& s) {
   REMAT_CHECK(a.family == c_.family && a.kv_heads() == c_.kv_heads() &&
                   a.mlp_width() == c_.mlp_width() && a.qkv_bias == c_.qkv_bias &&
                   a.tied_embeddings == c_.tied_embeddings && a.num_layers == c_.num_layers &&
-                  a.channels == c_.channels &&
-                  a.num_heads == c_.num_heads && a.vocab_size == c_.vocab_size &&
-                  a.padded_vocab == c_.padded_vocab && a.max_seq_len == c_.max_seq_len,
+                  a.channels == c_.channels && a.num_heads == c_.num_heads &&
+                  a.vocab_size == c_.vocab_size && a.padded_vocab == c_.padded_vocab &&
+                  a.max_seq_len == c_.max_seq_len,
               "the training state's model shape differs from this run's model");
   load_weights_and_moments(s);
   step_ = s.step;

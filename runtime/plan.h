@@ -60,8 +60,8 @@ Plan parse_plan(const std::string& spec, const PlanSchema& schema);
 
 // Adds --offload to a plan: "none", or names joined by '+': "input" (each block's input, its
 // checkpoint, from block 1 on: block 0's input is the embedding's output, outside the blocks),
-// "kept" (every saved tensor the plan does not recompute) and slot names (e.g. "input+qkv"). A slot the plan recomputes cannot also be offloaded.
-// Throws remat::Error naming the bad part.
+// "kept" (every saved tensor the plan does not recompute) and slot names (e.g. "input+qkv"). A slot
+// the plan recomputes cannot also be offloaded. Throws remat::Error naming the bad part.
 void apply_offload(Plan& plan, const std::string& spec);
 
 // True when spec starts with "budget:"; *bytes gets the parsed size (accepts K, M, G, KiB,

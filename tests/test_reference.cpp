@@ -27,7 +27,8 @@ bool have_numpy() {
 
 TEST(Reference, NumpyReferenceSelfTest) {
   if (!have_numpy()) GTEST_SKIP() << "python3 with numpy is not available (pip install numpy)";
-  const Result r = run_shell("python3 " + shell_quote(kReferenceDir + "/gpt2_numpy.py") + " self-test");
+  const Result r =
+      run_shell("python3 " + shell_quote(kReferenceDir + "/gpt2_numpy.py") + " self-test");
   EXPECT_EQ(r.status, 0) << r.output;
 }
 
@@ -38,8 +39,8 @@ TEST(Reference, TrainingLossesMatchReference) {
   if (big != nullptr && std::string(big) == "1") configs += " gpt2";
   // The claim is 1e-4 relative; remat agrees to about 5e-8, so the test holds it to 1e-6,
   // tight enough to catch an AdamW epsilon off by 100x.
-  const Result r = run_shell("RTOL=1e-6 bash " + shell_quote(kReferenceDir + "/check_losses.sh") + " " +
-                       shell_quote(REMAT_BINARY) + " " + configs);
+  const Result r = run_shell("RTOL=1e-6 bash " + shell_quote(kReferenceDir + "/check_losses.sh") +
+                             " " + shell_quote(REMAT_BINARY) + " " + configs);
   EXPECT_EQ(r.status, 0) << r.output;
   if (r.status == 0) printf("%s", r.output.c_str());
 }

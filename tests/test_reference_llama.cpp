@@ -37,7 +37,8 @@ bool have_numpy() {
 Result check(const std::string& work, const std::string& extra_args) {
   std::string cmd = "WORK_DIR=" + shell_quote(work) + " RTOL=1e-6";
   if (!extra_args.empty()) cmd += " REMAT_EXTRA_ARGS=" + shell_quote(extra_args);
-  cmd += " bash " + shell_quote(kReferenceDir + "/check_llama_losses.sh") + " " + shell_quote(REMAT_BINARY);
+  cmd += " bash " + shell_quote(kReferenceDir + "/check_llama_losses.sh") + " " +
+         shell_quote(REMAT_BINARY);
   for (const char* c : kConfigs) cmd += std::string(" ") + c;
   return run_shell(cmd);
 }
@@ -65,7 +66,8 @@ std::map<int, std::string> logged_steps(const std::string& path) {
 
 TEST(LlamaReference, NumpyReferenceSelfTest) {
   if (!have_numpy()) GTEST_SKIP() << "python3 with numpy is not available (pip install numpy)";
-  const Result r = run_shell("python3 " + shell_quote(kReferenceDir + "/llama_numpy.py") + " self-test");
+  const Result r =
+      run_shell("python3 " + shell_quote(kReferenceDir + "/llama_numpy.py") + " self-test");
   EXPECT_EQ(r.status, 0) << r.output;
   EXPECT_TRUE(contains(r.output, "self-test PASSED")) << r.output;
 }

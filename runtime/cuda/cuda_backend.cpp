@@ -157,8 +157,8 @@ class CudaBackend final : public Backend {
     need = std::max(need, cuda::rmsnorm_backward_workspace_floats(int(n), C) * sizeof(float));
     need = std::max(need, cuda::attention_backward_workspace_floats(B, T, NH) * sizeof(float));
     if (fused_attention_backward())
-      need = std::max(need, cuda::attention_backward_fused_workspace_floats(B, T, C, NH) *
-                                sizeof(float));
+      need = std::max(need,
+                      cuda::attention_backward_fused_workspace_floats(B, T, C, NH) * sizeof(float));
     need = std::max(need, cuda::gradnorm_workspace_floats() * sizeof(float));
     need = std::max(need, size_t(Vp) * sizeof(Elem));  // classifier_logits of one row
     // cuDNN's backward (when chosen) builds its graphs here.
@@ -316,9 +316,8 @@ class CudaBackend final : public Backend {
   }
   void rope_forward(Stream* s, void* out, const void* inp, int B, int T, int NH, int NKV, int HD,
                     const float* inv_freq, const char* label, int block) override {
-    s->launch(
-        [=] { cuda::rope_forward(E(out), E(inp), B, T, NH, NKV, HD, inv_freq, native(s)); },
-        label, block);
+    s->launch([=] { cuda::rope_forward(E(out), E(inp), B, T, NH, NKV, HD, inv_freq, native(s)); },
+              label, block);
   }
   void rope_backward(Stream* s, void* dinp, const void* dout, int B, int T, int NH, int NKV, int HD,
                      const float* inv_freq, const char* label, int block) override {
@@ -422,8 +421,12 @@ class CudaBackend final : public Backend {
   }
 
  private:
-  static Elem* E(void* p) { return static_cast<Elem*>(p); }
-  static const Elem* E(const void* p) { return static_cast<const Elem*>(p); }
+  static Elem* E(void* p) {
+    return static_cast<Elem*>(p);
+  }
+  static const Elem* E(const void* p) {
+    return static_cast<const Elem*>(p);
+  }
 
   // The main stream's scratch, at least `bytes`. Sized by reserve_scratch(); should a shape
   // need more, it grows after a device synchronize (no kernel still reads the old buffer).
@@ -495,7 +498,9 @@ class CudaBackend final : public Backend {
         label, block);
   }
 #else
-  size_t cudnn_backward_bytes(int, int, int, int, int) { return 0; }
+  size_t cudnn_backward_bytes(int, int, int, int, int) {
+    return 0;
+  }
   void cudnn_attention_forward(Stream*, void*, float*, const void*, int, int, int, int, int,
                                const char*, int) {}
   void cudnn_attention_backward(Stream*, void*, const void*, const void*, const void*, const float*,

@@ -106,8 +106,8 @@ TEST_F(AttentionBackwardFusedGpu, MatchesCpuTwoPassAndIsDeterministic) {
     // The two-pass backward on the same inputs.
     d_dqkv.poison();
     ws.poison();
-    cuda::attention_backward(d_dqkv.get(), d_dout.get(), d_qkv.get(), d_out.get(), d_lse.get(),
-                             c.B, c.T, C, c.NH, ws.get(), stream_, c.NKV);
+    cuda::attention_backward(d_dqkv.get(), d_dout.get(), d_qkv.get(), d_out.get(), d_lse.get(), c.B,
+                             c.T, C, c.NH, ws.get(), stream_, c.NKV);
     const std::vector<bf16> two_pass_raw = d_dqkv.download_raw();
     const Vec two_pass = download(d_dqkv);
 
